@@ -1,0 +1,220 @@
+"""Typed view of params.yaml, validated once at the edge.
+
+Every field is required and unknown keys are refused: params.yaml is the only place a default
+lives (architecture rule 3), so a second default in code could silently drift from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
+class ConfigError(ValueError):
+    """A user-fixable problem in params.yaml; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+
+class DatasetSpec(_Strict):
+    """A dataset: a registry name, or a name plus an http(s)://, file:// URL or a local path."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+    url: str | None = None
+    sha256: str | None = None
+
+
+class DataConfig(_Strict):
+    train: Annotated[list[DatasetSpec], Field(min_length=1)]
+    test: Annotated[list[DatasetSpec], Field(min_length=1)]
+
+    @field_validator("train", "test", mode="before")
+    @classmethod
+    def _names_to_specs(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @property
+    def all_sets(self) -> list[DatasetSpec]:
+        seen: dict[str, DatasetSpec] = {}
+        for spec in [*self.train, *self.test]:
+            seen.setdefault(spec.name, spec)
+        return list(seen.values())
+
+
+class DownloadConfig(_Strict):
+    retries: NonNegInt
+    timeout_s: PositiveFloat
+
+
+class PrepareConfig(_Strict):
+    gaussian_sigma: PositiveFloat | None
+
+
+class ModelConfig(_Strict):
+    blocks: PositiveInt
+    channels: PositiveInt
+    global_skip: bool
+
+
+class _TrainCommon(_Strict):
+    iterations: PositiveInt
+    batch_size: PositiveInt
+    hr_crop: PositiveInt
+    lr: PositiveFloat
+    beta1: Beta
+    beta2: Beta
+    augment: bool
+    log_every: PositiveInt
+    val_every: PositiveInt
+    checkpoint_every: PositiveInt
+
+
+class PretrainConfig(_TrainCommon):
+    pass
+
+
+class FinetuneConfig(_TrainCommon):
+    lr_second_half: PositiveFloat
+    content_loss: Literal["mse", "vgg22", "vgg54"]
+    adv_weight: Annotated[float, Field(ge=0)]
+    d_steps: PositiveInt
+    d_channels: PositiveInt
+
+
+class RuntimeConfig(_Strict):
+    device: Literal["auto", "cpu", "cuda"]
+    num_workers: NonNegInt
+    channels_last: bool
+    amp: bool
+    compile: bool
+    deterministic: bool
+    ema_decay: Annotated[float, Field(gt=0, lt=1)] | None
+
+
+class EvaluateConfig(_Strict):
+    crop_border: NonNegInt
+    tile: NonNegInt
+    tile_overlap: NonNegInt
+    grid_images: NonNegInt
+
+
+class TrackingConfig(_Strict):
+    experiment: Annotated[str, Field(min_length=1)]
+    register_models: bool
+
+
+class Params(_Strict):
+    seed: NonNegInt
+    scale: Literal[2, 3, 4, 8]
+    data: DataConfig
+    download: DownloadConfig
+    prepare: PrepareConfig
+    model: ModelConfig
+    pretrain: PretrainConfig
+    finetune: FinetuneConfig
+    runtime: RuntimeConfig
+    evaluate: EvaluateConfig
+    tracking: TrackingConfig
+
+    @field_validator("pretrain", "finetune")
+    @classmethod
+    def _crop_fits_scale(cls, value: _TrainCommon, info: Any) -> _TrainCommon:
+        scale = info.data.get("scale")
+        if scale and value.hr_crop % scale:
+            raise ValueError(f"hr_crop={value.hr_crop} is not a multiple of scale={scale}")
+        return value
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<top level>"
+    kind = first["type"]
+    if kind == "missing":
+        what = "is missing"
+    elif kind == "extra_forbidden":
+        what = "is not a known key (typo?)"
+    else:
+        what = f"is invalid: {first['msg']} (got {first.get('input')!r})"
+    more = f" (+{err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
+    return f"{source}: key '{key}' {what}{more}"
+
+
+def parse(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate a loaded params mapping, raising ConfigError naming the first bad key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load(path: str | os.PathLike[str] = "params.yaml") -> Params:
+    """Read and validate params.yaml; every error names the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; run from the project root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse(raw, str(path))
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """Overlay wins key by key; nested mappings merge, lists and scalars replace."""
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_overlay(params_path: Path, overlay_path: Path) -> Params:
+    """Merge an overlay (e.g. configs/paper.yaml) into params.yaml in place, after validating.
+
+    Rewriting params.yaml rather than reading two files keeps it the single source of truth
+    that dvc.yaml tracks, so `dvc repro` and the Prefect flow see the same recipe.
+    """
+    base = yaml.safe_load(params_path.read_text())
+    overlay = yaml.safe_load(overlay_path.read_text()) or {}
+    if not isinstance(overlay, dict):
+        raise ConfigError(f"{overlay_path}: expected a mapping at the top level")
+    merged = deep_merge(base, overlay)
+    params = parse(merged, f"{params_path} + {overlay_path}")
+    tmp = params_path.with_name(params_path.name + ".tmp")
+    header = f"# {params_path.name} with overlay {overlay_path} applied by `srgan params apply`\n"
+    tmp.write_text(header + yaml.safe_dump(merged, sort_keys=False))
+    os.replace(tmp, params_path)
+    return params
+
+
+def as_flat_dict(params: Params) -> dict[str, Any]:
+    """Dotted keys for MLflow params."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            flat[prefix] = value
+
+    walk("", params.model_dump(mode="json"))
+    return flat
