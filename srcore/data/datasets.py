@@ -1,0 +1,86 @@
+"""Training batches of aligned random crops, and whole-image pairs for evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from srcore.data.images import ImageError, list_images, load_image, to_rgb
+
+
+@dataclass(frozen=True)
+class Pair:
+    name: str
+    hr: np.ndarray  # uint8 HxWx3 or HxW
+    lr: np.ndarray
+
+
+def load_pairs(prepared: Path, set_name: str) -> list[Pair]:
+    """Decode prepared/<set>/{HR,LR}; a missing partner or wrong size names the file."""
+    hr_dir, lr_dir = prepared / set_name / "HR", prepared / set_name / "LR"
+    if not hr_dir.is_dir():
+        raise FileNotFoundError(f"{hr_dir}: missing; run `srgan prepare` (or `dvc repro`)")
+    pairs = []
+    for hr_path in list_images(hr_dir):
+        lr_path = lr_dir / hr_path.name
+        if not lr_path.is_file():
+            raise FileNotFoundError(f"{lr_path}: LR partner of {hr_path} is missing")
+        hr, lr = load_image(hr_path), load_image(lr_path)
+        if hr.shape[0] % lr.shape[0] or hr.shape[0] // lr.shape[0] != hr.shape[1] // lr.shape[1]:
+            raise ImageError(f"{lr_path}: size {lr.shape} does not match HR {hr.shape}")
+        pairs.append(Pair(hr_path.stem, hr, lr))
+    return pairs
+
+
+class RandomCropBatches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Item i is the whole mini-batch of iteration i, drawn from a generator seeded by (seed, i).
+
+    Making a batch a pure function of its iteration number means resuming after a kill sees
+    exactly the batches an uninterrupted run would, with any number of loader workers and no
+    sampler state to checkpoint. Decoded images are kept in memory (the loader's cache).
+    """
+
+    def __init__(self, pairs: list[Pair], batch_size: int, hr_crop: int, scale: int,
+                 seed: int, augment: bool) -> None:
+        if hr_crop % scale:
+            raise ValueError(f"hr_crop {hr_crop} is not a multiple of scale {scale}")
+        self.lr_crop = hr_crop // scale
+        usable = [p for p in pairs if min(p.lr.shape[:2]) >= self.lr_crop]
+        if not usable:
+            raise ImageError(f"no training image has an LR side of at least {self.lr_crop} px "
+                             f"(hr_crop {hr_crop}); lower pretrain.hr_crop or add images")
+        self.hr = [to_rgb(p.hr) for p in usable]
+        self.lr = [to_rgb(p.lr) for p in usable]
+        areas = np.array([lr.shape[0] * lr.shape[1] for lr in self.lr], dtype=np.float64)
+        self.weights = areas / areas.sum()  # uniform over pixels, not over images
+        self.batch_size, self.scale, self.seed, self.augment = batch_size, scale, seed, augment
+        self.length = 2**62
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, index])
+        c, s = self.lr_crop, self.scale
+        lrs = np.empty((self.batch_size, c, c, 3), np.uint8)
+        hrs = np.empty((self.batch_size, c * s, c * s, 3), np.uint8)
+        picks = rng.choice(len(self.lr), size=self.batch_size, p=self.weights)
+        for b, k in enumerate(picks):
+            lr, hr = self.lr[k], self.hr[k]
+            y = int(rng.integers(0, lr.shape[0] - c + 1))
+            x = int(rng.integers(0, lr.shape[1] - c + 1))
+            lr_crop = lr[y:y + c, x:x + c]
+            hr_crop = hr[y * s:(y + c) * s, x * s:(x + c) * s]
+            if self.augment:
+                flip, rot = rng.integers(0, 2), int(rng.integers(0, 4))
+                if flip:
+                    lr_crop, hr_crop = lr_crop[:, ::-1], hr_crop[:, ::-1]
+                lr_crop, hr_crop = np.rot90(lr_crop, rot), np.rot90(hr_crop, rot)
+            lrs[b], hrs[b] = lr_crop, hr_crop
+        lr_t = torch.from_numpy(lrs).permute(0, 3, 1, 2).float().div_(255)
+        hr_t = torch.from_numpy(hrs).permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
+        return lr_t, hr_t
