@@ -1,0 +1,223 @@
+"""`srgan <stage>`: the one entry point that dvc.yaml and the Prefect flow both call.
+
+Every user-fixable error (bad params, missing data or weights, corrupt images) ends in one line
+naming the thing and the fix, and exit status 2; outputs of earlier runs stay as they were.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from srcore import config
+from srcore.layout import Layout
+
+PIPELINE_STAGES = ("download", "prepare", "pretrain", "finetune", "evaluate")
+
+
+class UserError(Exception):
+    """Raised for problems the user can fix; printed as one line without a traceback."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "fix your input", not "bug in srgan"."""
+    from srcore.data.images import ImageError
+    from srcore.data.prepare import MissingDataError
+    from srcore.data.sources import SourceError
+    from srcore.models.vgg import VGGWeightsMissing
+    from srcore.train import CheckpointMismatch
+    from srcore.versioning import VersioningError
+
+    errors: list[type[BaseException]] = [
+        UserError, config.ConfigError, ImageError, MissingDataError, SourceError,
+        VGGWeightsMissing, CheckpointMismatch, VersioningError, FileNotFoundError,
+    ]
+    try:
+        from srcore.data.download import DownloadError
+        from srcore.data.extract import UnsafeArchiveError
+
+        errors += [DownloadError, UnsafeArchiveError]
+    except ImportError:  # pragma: no cover - both ship with the package
+        pass
+    return tuple(errors)
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------- stages
+
+
+def cmd_download(params: config.Params, layout: Layout, args: argparse.Namespace) -> None:
+    from srcore import versioning
+    from srcore.data.sources import materialize
+
+    for spec in params.data.all_sets:
+        materialize(spec, layout.data, retries=params.download.retries,
+                    timeout=params.download.timeout_s)
+    if args.no_dvc:
+        return
+    versioning.add_data(layout.root)
+    print("data/ versioned in data.dvc")
+    if versioning.has_remote(layout.root):
+        pushed = versioning.push(layout.root)
+        print(f"pushed {pushed} file(s) to the default DVC remote")
+    else:
+        print("no default DVC remote configured; skipped dvc push")
+
+
+def cmd_prepare(params: config.Params, layout: Layout, args: argparse.Namespace) -> None:
+    from srcore.data.prepare import prepare
+
+    counts = prepare(params, layout.data, layout.prepared)
+    print("prepared " + ", ".join(f"{k}: {v} pairs" for k, v in counts.items()))
+
+
+def _train_stage(stage: str, params: config.Params, layout: Layout) -> None:
+    from srcore import tracking, train, versioning
+
+    if stage == "finetune":
+        if not layout.model("srresnet").is_file():
+            raise UserError(f"{layout.model('srresnet')}: missing; run `srgan pretrain` first")
+        vgg = None
+        if params.finetune.content_loss != "mse":
+            from srcore.models.vgg import load_vgg19_state_dict
+
+            vgg = load_vgg19_state_dict()  # fail before any work when weights are missing
+    ckpt = train.read_checkpoint(layout.checkpoints / f"{stage}.pt",
+                                 train.fingerprint(params, stage))
+    resume_id = ckpt["run_id"] if ckpt else None
+    with tracking.stage_run(params.tracking.experiment, stage, resume_id) as tracker:
+        tracker.log_params(config.as_flat_dict(params))
+        if stage == "pretrain":
+            model, metrics = train.pretrain(params, layout, tracker)
+            name = "srresnet"
+        else:
+            model, metrics = train.finetune(params, layout, tracker, vgg)
+            name = "srgan"
+        data_version = versioning.data_version(layout.root)
+        train.save_generator(model, layout.model(name), {"data_version": data_version})
+        tags = {"data_version": data_version, "mlflow_run_id": tracker.run_id,
+                "global_skip": params.model.global_skip, "blocks": params.model.blocks,
+                "channels": params.model.channels, "scale": params.scale}
+        version = tracker.log_generator(model, name, params.tracking.register_models, tags)
+        tracker.log_metrics({f"{stage}/final_{k}": v for k, v in metrics.items()})
+        _write_json(layout.metrics / f"{stage}.json",
+                    {**{k: round(v, 6) for k, v in metrics.items()},
+                     "registered_version": version})
+    (layout.checkpoints / f"{stage}.pt").unlink(missing_ok=True)
+    print(f"{stage}: wrote {layout.model(name)}"
+          + (f", registered {name} version {version}" if version else ""))
+
+
+def cmd_pretrain(params: config.Params, layout: Layout, args: argparse.Namespace) -> None:
+    _train_stage("pretrain", params, layout)
+
+
+def cmd_finetune(params: config.Params, layout: Layout, args: argparse.Namespace) -> None:
+    _train_stage("finetune", params, layout)
+
+
+def cmd_evaluate(params: config.Params, layout: Layout, args: argparse.Namespace) -> None:
+    from srcore import evaluate, tracking, train
+
+    generators = {name: train.load_generator_file(layout.model(name))
+                  for name in ("srresnet", "srgan")}
+    with tracking.stage_run(params.tracking.experiment, "evaluate") as tracker:
+        summary, grids = evaluate.evaluate(
+            params, layout.prepared, generators, layout.metrics / "evaluate.json",
+            layout.plots / "evaluate.csv", layout.reports)
+        flat = {f"{s}/{m}/{k}": v for s, ms in summary.items()
+                for m, vals in ms.items() for k, v in vals.items()}
+        tracker.log_metrics(flat)
+        for grid in grids:
+            tracker.log_artifact(grid, "grids")
+        tracker.log_artifact(layout.plots / "evaluate.csv")
+    print(evaluate.table(summary))
+
+
+def cmd_params_apply(args: argparse.Namespace) -> None:
+    params = config.apply_overlay(Path(args.params), Path(args.overlay))
+    print(f"{args.params}: applied {args.overlay} (scale {params.scale}, "
+          f"content loss {params.finetune.content_loss})")
+
+
+STAGE_COMMANDS: dict[str, Callable[[config.Params, Layout, argparse.Namespace], None]] = {
+    "download": cmd_download,
+    "prepare": cmd_prepare,
+    "pretrain": cmd_pretrain,
+    "finetune": cmd_finetune,
+    "evaluate": cmd_evaluate,
+}
+
+HELP = {
+    "download": "Fetch every configured dataset into data/<name>/ (HR images), then `dvc add "
+                "data` and push to the default DVC remote.",
+    "prepare": "Crop HR images to a multiple of the scale and make their MATLAB-bicubic LR "
+               "into prepared/<set>/{HR,LR}/.",
+    "pretrain": "Train SRResNet with pixel MSE; writes models/srresnet.pt and "
+                "metrics/pretrain.json, logs to MLflow and registers 'srresnet'. Resumes from "
+                "checkpoints/pretrain.pt after an interruption.",
+    "finetune": "Train SRGAN from SRResNet (content + adversarial loss); writes "
+                "models/srgan.pt and metrics/finetune.json, registers 'srgan'. Resumable.",
+    "evaluate": "PSNR/SSIM (Y, border crop) of bicubic, SRResNet and SRGAN on every test set; "
+                "writes metrics/evaluate.json, plots/evaluate.csv and reports/grid_*.png.",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="srgan", description="SRGAN pipeline stages (each reads params.yaml).")
+    parser.add_argument("--params", default="params.yaml",
+                        help="params file (default: %(default)s)")
+    parser.add_argument("--root", default=".", help="project root (default: current directory)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in STAGE_COMMANDS:
+        p = sub.add_parser(name, help=HELP[name], description=HELP[name])
+        if name == "download":
+            p.add_argument("--no-dvc", action="store_true",
+                           help="only write data/, skip `dvc add` and push")
+    params_p = sub.add_parser("params", help="manage params.yaml (apply an overlay)")
+    params_sub = params_p.add_subparsers(dest="params_command", required=True)
+    apply_p = params_sub.add_parser(
+        "apply", help="merge an overlay such as configs/paper.yaml into params.yaml")
+    apply_p.add_argument("overlay")
+    return parser
+
+
+def run_stage(stage: str, params_path: str | Path = "params.yaml", root: str | Path = ".",
+              **options: Any) -> None:
+    """Run one stage in this process, raising on failure (the Prefect flow's download task)."""
+    args = argparse.Namespace(command=stage, params=str(params_path), root=str(root),
+                              no_dvc=False, **options)
+    STAGE_COMMANDS[stage](config.load(params_path), Layout(Path(root).resolve()), args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "params":
+            cmd_params_apply(args)
+            return 0
+        params = config.load(args.params)
+        STAGE_COMMANDS[args.command](params, Layout(Path(args.root).resolve()), args)
+    except _user_errors() as err:
+        print(f"srgan {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"srgan {args.command}: interrupted; re-run to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
