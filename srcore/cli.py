@@ -58,27 +58,53 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def cmd_download(params: config.Params, layout: Layout, args: argparse.Namespace) -> None:
-    from srcore import versioning
+    from srcore import tracking, versioning
     from srcore.data.sources import materialize
 
+    with tracking.stage_run(params.tracking.experiment, "download") as tracker:
+        tracker.log_params({"data.sets": ",".join(s.name for s in params.data.all_sets)})
+        for spec in params.data.all_sets:
+            folder = materialize(spec, layout.data, retries=params.download.retries,
+                                 timeout=params.download.timeout_s)
+            tracker.log_metrics({f"images/{spec.name}": len(list(folder.iterdir()))})
+        if args.no_dvc:
+            return
+        versioning.add_data(layout.root)
+        tracker.set_tags({"data_version": versioning.data_version(layout.root)})
+        print(f"data/ versioned in data.dvc ({versioning.data_version(layout.root)})")
+        if versioning.has_remote(layout.root):
+            pushed = versioning.push(layout.root)
+            print(f"pushed {pushed} file(s) to the default DVC remote")
+        else:
+            print("no default DVC remote configured; skipped dvc push")
+
+
+def cmd_check_data(params: config.Params, layout: Layout, args: argparse.Namespace) -> None:
+    from srcore.data.images import list_images
+    from srcore.data.prepare import MissingDataError
+
+    found = {}
     for spec in params.data.all_sets:
-        materialize(spec, layout.data, retries=params.download.retries,
-                    timeout=params.download.timeout_s)
-    if args.no_dvc:
-        return
-    versioning.add_data(layout.root)
-    print("data/ versioned in data.dvc")
-    if versioning.has_remote(layout.root):
-        pushed = versioning.push(layout.root)
-        print(f"pushed {pushed} file(s) to the default DVC remote")
-    else:
-        print("no default DVC remote configured; skipped dvc push")
+        folder = layout.data / spec.name
+        if not folder.is_dir() or not list_images(folder):
+            raise MissingDataError(
+                f"{folder}: dataset '{spec.name}' is not in data/; run `srgan download` "
+                "(or `dvc pull` when this clone's data.dvc has a reachable remote)"
+            )
+        found[spec.name] = len(list_images(folder))
+    _write_json(layout.root / ".srgan" / "data-check.json", {"sets": sorted(found)})
+    print("data/ holds " + ", ".join(f"{k} ({v} images)" for k, v in found.items()))
 
 
 def cmd_prepare(params: config.Params, layout: Layout, args: argparse.Namespace) -> None:
+    from srcore import tracking
     from srcore.data.prepare import prepare
 
-    counts = prepare(params, layout.data, layout.prepared)
+    with tracking.stage_run(params.tracking.experiment, "prepare") as tracker:
+        counts = prepare(params, layout.data, layout.prepared)
+        tracker.log_params({"scale": params.scale,
+                            "prepare.gaussian_sigma": params.prepare.gaussian_sigma})
+        tracker.log_metrics({f"pairs/{k}": v for k, v in counts.items()})
     print("prepared " + ", ".join(f"{k}: {v} pairs" for k, v in counts.items()))
 
 
@@ -153,6 +179,7 @@ def cmd_params_apply(args: argparse.Namespace) -> None:
 
 STAGE_COMMANDS: dict[str, Callable[[config.Params, Layout, argparse.Namespace], None]] = {
     "download": cmd_download,
+    "check-data": cmd_check_data,
     "prepare": cmd_prepare,
     "pretrain": cmd_pretrain,
     "finetune": cmd_finetune,
@@ -162,6 +189,8 @@ STAGE_COMMANDS: dict[str, Callable[[config.Params, Layout, argparse.Namespace], 
 HELP = {
     "download": "Fetch every configured dataset into data/<name>/ (HR images), then `dvc add "
                 "data` and push to the default DVC remote.",
+    "check-data": "Check that every configured dataset is in data/ (the first dvc.yaml stage, "
+                  "so a fresh clone is told to run `srgan download` or `dvc pull`).",
     "prepare": "Crop HR images to a multiple of the scale and make their MATLAB-bicubic LR "
                "into prepared/<set>/{HR,LR}/.",
     "pretrain": "Train SRResNet with pixel MSE; writes models/srresnet.pt and "
@@ -182,7 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", default=".", help="project root (default: current directory)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in STAGE_COMMANDS:
-        p = sub.add_parser(name, help=HELP[name], description=HELP[name])
+        p = sub.add_parser(
+            name, help=HELP[name], description=HELP[name],
+            epilog="Reads params.yaml (or --params); outputs are written to a temporary name "
+                   "and renamed, so an interrupted run never leaves half a file.")
         if name == "download":
             p.add_argument("--no-dvc", action="store_true",
                            help="only write data/, skip `dvc add` and push")

@@ -186,21 +186,36 @@ def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _merge_into(doc: Any, overlay: dict[str, Any]) -> None:
+    """deep_merge on a ruamel round-trip document, so params.yaml keeps its comments."""
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(doc.get(key), dict):
+            _merge_into(doc[key], value)
+        else:
+            doc[key] = copy.deepcopy(value)
+
+
 def apply_overlay(params_path: Path, overlay_path: Path) -> Params:
     """Merge an overlay (e.g. configs/paper.yaml) into params.yaml in place, after validating.
 
     Rewriting params.yaml rather than reading two files keeps it the single source of truth
-    that dvc.yaml tracks, so `dvc repro` and the Prefect flow see the same recipe.
+    that dvc.yaml tracks, so `dvc repro` and the Prefect flow see the same recipe. A refused
+    overlay leaves params.yaml untouched.
     """
+    from ruamel.yaml import YAML
+
     base = yaml.safe_load(params_path.read_text())
     overlay = yaml.safe_load(overlay_path.read_text()) or {}
     if not isinstance(overlay, dict):
         raise ConfigError(f"{overlay_path}: expected a mapping at the top level")
-    merged = deep_merge(base, overlay)
-    params = parse(merged, f"{params_path} + {overlay_path}")
+    params = parse(deep_merge(base, overlay), f"{params_path} + {overlay_path}")
+    rt = YAML()
+    rt.preserve_quotes = True
+    doc = rt.load(params_path.read_text())
+    _merge_into(doc, overlay)
     tmp = params_path.with_name(params_path.name + ".tmp")
-    header = f"# {params_path.name} with overlay {overlay_path} applied by `srgan params apply`\n"
-    tmp.write_text(header + yaml.safe_dump(merged, sort_keys=False))
+    with tmp.open("w") as fh:
+        rt.dump(doc, fh)
     os.replace(tmp, params_path)
     return params
 

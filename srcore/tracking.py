@@ -128,10 +128,11 @@ def stage_run(experiment: str, stage: str, resume_run_id: str | None = None) -> 
     commit = _git_commit()
     if commit:
         tags["git_commit"] = commit
+    nested = mlflow.active_run() is not None  # in-process under the pipeline run
     if resume_run_id:
-        run = mlflow.start_run(run_id=resume_run_id)
+        run = mlflow.start_run(run_id=resume_run_id, nested=nested)
     else:
-        run = mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags)
+        run = mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags, nested=nested)
     status = "FAILED"
     try:
         yield Tracker(run.info.run_id)
@@ -179,4 +180,5 @@ def latest_version(name: str) -> str | None:
         versions = client.search_model_versions(f"name = '{name}'")
     except mlflow.exceptions.MlflowException:
         return None
-    return max((v.version for v in versions), key=int, default=None)
+    newest = max((int(v.version) for v in versions), default=None)
+    return None if newest is None else str(newest)

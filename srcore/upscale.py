@@ -12,7 +12,8 @@ from srcore.data.images import to_rgb
 def lr_to_tensor(lr: np.ndarray, device: torch.device | str = "cpu",
                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """uint8 HxW(x3) -> float (1,3,H,W) in [0, 1], the generator's input range."""
-    t = torch.from_numpy(np.ascontiguousarray(to_rgb(lr))).permute(2, 0, 1)[None].float() / 255
+    rgb = np.require(to_rgb(lr), requirements=["C", "W"])  # torch refuses read-only arrays
+    t = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
     return t.to(device, memory_format=memory_format)
 
 

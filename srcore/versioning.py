@@ -10,6 +10,8 @@ from typing import Any
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 STAGES = ("prepare", "pretrain", "finetune", "evaluate")
+#: dvc.yaml's guard stage that runs before prepare (not a pipeline stage of its own).
+GUARD_STAGE = "check-data"
 
 
 class VersioningError(RuntimeError):
@@ -31,7 +33,11 @@ def _repo(root: Path) -> Any:
 def add_data(root: Path, data_dir: str = "data") -> None:
     """`dvc add data` -> data.dvc: one pointer for the whole raw-data folder."""
     with _repo(root) as repo:
-        repo.add(data_dir)
+        repo.add(str(root / data_dir))  # DVC resolves relative targets against the cwd
+
+
+def _absolute(root: Path, targets: list[str] | None) -> list[str]:
+    return [str(root / t) for t in (targets or ["data.dvc"])]
 
 
 def has_remote(root: Path) -> bool:
@@ -43,7 +49,7 @@ def push(root: Path, targets: list[str] | None = None) -> int:
     """Push to the default remote; returns the number of files transferred."""
     with _repo(root) as repo:
         try:
-            return int(repo.push(targets=targets or ["data.dvc"]))
+            return int(repo.push(targets=_absolute(root, targets)))
         except Exception as err:  # noqa: BLE001 - DVC raises many types; all mean "push failed"
             raise VersioningError(f"dvc push failed: {err}; check `dvc remote list`") from None
 
@@ -51,7 +57,7 @@ def push(root: Path, targets: list[str] | None = None) -> int:
 def pull(root: Path, targets: list[str] | None = None) -> None:
     with _repo(root) as repo:
         try:
-            repo.pull(targets=targets or ["data.dvc"])
+            repo.pull(targets=_absolute(root, targets))
         except Exception as err:  # noqa: BLE001
             raise VersioningError(f"dvc pull failed: {err}; check `dvc remote list`") from None
 
@@ -78,7 +84,9 @@ def reproduce(root: Path, stage: str, force: bool = False) -> list[str]:
     _expose_own_scripts()
     with _repo(root) as repo:
         try:
-            ran = repo.reproduce(stage, single_item=True, force=force)
+            # Upstream stages are checked too (cheap when up to date), except when forcing,
+            # where DVC would force the whole upstream chain.
+            ran = repo.reproduce(f"{root / 'dvc.yaml'}:{stage}", single_item=force, force=force)
         except DvcException as err:
             cause = err.__cause__ or err
             raise VersioningError(f"stage '{stage}' failed: {cause}") from None

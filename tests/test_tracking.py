@@ -1,0 +1,57 @@
+"""MLflow through srcore.tracking, against a real SQLite store."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from srcore import tracking
+from srcore.models.srresnet import SRResNet
+
+
+def test_registered_generator_upscales_two_sizes(mlflow_store: str) -> None:
+    model = SRResNet(blocks=1, channels=8, scale=4, global_skip=True).eval()
+    with tracking.stage_run("t", "pretrain") as tracker:
+        version = tracker.log_generator(model, "srgan", register=True,
+                                        tags={"data_version": "abc.dir"})
+    assert version == "1"
+    loaded = tracking.load_generator("models:/srgan/1")
+    for h, w in ((10, 12), (17, 9)):
+        x = torch.rand(2, 3, h, w)
+        out = loaded(x)
+        assert out.shape == (2, 3, 4 * h, 4 * w)
+        torch.testing.assert_close(out, model(x))
+    mv = MlflowClient().get_model_version("srgan", "1")
+    assert mv.tags["data_version"] == "abc.dir"
+    assert tracking.latest_version("srgan") == "1"
+
+
+def test_stage_runs_nest_under_the_pipeline_run(mlflow_store: str) -> None:
+    with tracking.pipeline_run("t") as parent, tracking.stage_run("t", "prepare") as tracker:
+        tracker.log_metrics({"x": 1.0, "nan": float("nan")}, step=3)
+        tracker.log_params({"a": 1})
+        tracker.log_params({"a": 2})  # already logged: kept, not an MLflow error
+        tracker.log_image(np.zeros((8, 8, 3), np.uint8), "img/zero.png")
+    run = MlflowClient().get_run(tracker.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.metrics == {"x": 1.0}
+    assert run.data.params == {"a": "1"}
+    assert run.info.status == "FINISHED"
+    names = [a.path for a in MlflowClient().list_artifacts(tracker.run_id, "img")]
+    assert names == ["img/zero.png"]
+
+
+def test_failed_stage_is_marked_failed_and_resume_continues_the_run(mlflow_store: str) -> None:
+    with pytest.raises(RuntimeError), tracking.stage_run("t", "pretrain") as tracker:
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        raise RuntimeError("boom")
+    assert MlflowClient().get_run(tracker.run_id).info.status == "FAILED"
+    with tracking.stage_run("t", "pretrain", resume_run_id=tracker.run_id) as again:
+        again.log_metrics({"loss": 0.5}, step=2)
+    assert again.run_id == tracker.run_id
+    history = MlflowClient().get_metric_history(tracker.run_id, "loss")
+    assert [m.step for m in history] == [1, 2]
+    assert mlflow.active_run() is None
