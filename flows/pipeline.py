@@ -19,6 +19,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.deployments.runner import RunnerDeployment  # noqa: E402
 
 from srcore import config, tracking, versioning  # noqa: E402
 from srcore.cli import run_stage  # noqa: E402
@@ -102,11 +103,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"srgan pipeline: error: {err}", file=sys.stderr)
             return 2
         return 0
-    pipeline.serve(
-        name=args.name, cron=args.cron, pause_on_shutdown=False,
-        parameters={"params_path": args.params, "root": str(Path.cwd()), "force": args.force},
-    )
+    from prefect import serve
+
+    # pause_on_shutdown=False: stopping this process must not pause the nightly schedule.
+    serve(deployment(args.name, args.cron, args.params, str(Path.cwd()), args.force),
+          pause_on_shutdown=False)
     return 0
+
+
+def deployment(name: str, cron: str, params_path: str, root: str,
+               force: list[str] | None = None) -> RunnerDeployment:
+    """The scheduled deployment; its parameters stay editable in the Prefect UI."""
+    return pipeline.to_deployment(
+        name=name, cron=cron,
+        parameters={"params_path": params_path, "root": root, "force": force or []},
+        description="Retrain and evaluate SRResNet/SRGAN; DVC skips unchanged stages.",
+        tags=["srgan"],
+    )
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["SRGAN_DOWNLOAD_CACHE"] = str(_SESSION_TMP / "downloads")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# Subprocesses (dvc, srgan) must come from this interpreter's environment, activated or not.
+os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 os.environ.pop("SRGAN_PARENT_RUN_ID", None)
 
 REPO = Path(__file__).resolve().parents[1]

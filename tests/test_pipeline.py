@@ -79,3 +79,25 @@ def test_flow_end_to_end_and_both_doors_agree(project: Path, tmp_path: Path,
     assert _mtimes(project) == after_repro
     assert versioning.status(project) == {}
     assert len(client.search_model_versions("name = 'srgan'")) == 1
+
+
+def test_serve_entry_registers_a_scheduled_deployment(prefect_harness: None,
+                                                      tmp_path: Path) -> None:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import deployment
+
+    deployment_id = deployment("nightly", "0 3 * * *", "params.yaml", str(tmp_path),
+                               ["evaluate"]).apply()
+
+    async def read() -> object:
+        async with get_client() as client:
+            return await client.read_deployment(deployment_id)
+
+    registered = asyncio.run(read())
+    assert registered.name == "nightly"
+    assert [s.schedule.cron for s in registered.schedules] == ["0 3 * * *"]
+    assert registered.parameters == {"params_path": "params.yaml", "root": str(tmp_path),
+                                     "force": ["evaluate"]}
