@@ -8,24 +8,30 @@ artifacts. `python -m flows.pipeline run` is the main job; `... serve` registers
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+from filelock import FileLock, Timeout  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.deployments.runner import RunnerDeployment  # noqa: E402
 
 from srcore import config, tracking, versioning  # noqa: E402
-from srcore.cli import run_stage  # noqa: E402
+from srcore.cli import failure_path, run_stage  # noqa: E402
 from srcore.evaluate import table  # noqa: E402
 
 DVC_STAGES = versioning.STAGES
+
+
+class StageFailed(RuntimeError):
+    """A pipeline stage failed; the message says which and why (shown in the Prefect UI)."""
 
 
 @task(name="download datasets", retries=2, retry_delay_seconds=10)
@@ -38,7 +44,16 @@ def download(params_path: str, root: str) -> None:
 def dvc_stage(stage: str, root: str, force: bool) -> list[str]:
     logger = get_run_logger()
     started = time.perf_counter()
-    ran = versioning.reproduce(Path(root), stage, force=force)
+    try:
+        ran = versioning.reproduce(Path(root), stage, force=force)
+    except versioning.VersioningError as err:
+        # DVC only knows the exit status; the stage left its own one-line reason on disk.
+        reason = failure_path(Path(root), stage)
+        why = reason.read_text().strip() if reason.is_file() else str(err)
+        guard = failure_path(Path(root), versioning.GUARD_STAGE)
+        if stage == "prepare" and guard.is_file():
+            why = guard.read_text().strip()
+        raise StageFailed(f"stage '{stage}' failed: {why}") from None
     seconds = time.perf_counter() - started
     if ran:
         logger.info("%s: ran in %.1f s", stage, seconds)
@@ -63,9 +78,33 @@ def publish(root: str, parent_run_id: str) -> str:
     return markdown
 
 
+class WorkspaceBusy(RuntimeError):
+    """Another pipeline run holds the workspace; the message says which lock file."""
+
+
+@contextlib.contextmanager
+def workspace_lock(root: Path, timeout_s: float) -> Iterator[None]:
+    """One pipeline run per workspace: two runs writing data/, prepared/ and models/ at once
+    would corrupt each other. The second waits up to timeout_s, then stops clearly."""
+    lock_path = root / ".srgan.lock"
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire(timeout=timeout_s)
+    except Timeout:
+        raise WorkspaceBusy(
+            f"another srgan pipeline run is using {root} (lock {lock_path}); wait for it to "
+            "finish, or pass lock_timeout_s to wait"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 @flow(name="srgan-pipeline", log_prints=True)
 def pipeline(params_path: str = "params.yaml", root: str = ".",
-             force: list[str] | None = None, skip_download: bool = False) -> str:
+             force: list[str] | None = None, skip_download: bool = False,
+             lock_timeout_s: float = 0.0) -> str:
     """The whole product: every stage, each skipped by DVC when its inputs are unchanged."""
     root = str(Path(root).resolve())
     params_path = str((Path(root) / params_path).resolve())
@@ -74,7 +113,8 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
     unknown = force_set - set(DVC_STAGES)
     if unknown:
         raise ValueError(f"force: unknown stage(s) {sorted(unknown)}; choose from {DVC_STAGES}")
-    with tracking.pipeline_run(params.tracking.experiment) as parent_id:
+    with workspace_lock(Path(root), lock_timeout_s), \
+            tracking.pipeline_run(params.tracking.experiment) as parent_id:
         if not skip_download:
             download(params_path, root)
         for stage in DVC_STAGES:
@@ -99,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         try:
             pipeline(params_path=args.params, root=".", force=args.force)
-        except (config.ConfigError, versioning.VersioningError) as err:
+        except (config.ConfigError, versioning.VersioningError, StageFailed,
+                WorkspaceBusy) as err:
             print(f"srgan pipeline: error: {err}", file=sys.stderr)
             return 2
         return 0

@@ -156,6 +156,7 @@ def cmd_finetune(params: config.Params, layout: Layout, args: argparse.Namespace
 def cmd_evaluate(params: config.Params, layout: Layout, args: argparse.Namespace) -> None:
     from srcore import evaluate, tracking, train
 
+    gate_set = evaluate.gate_set(params)  # a bad tracking.gate_set fails before any work
     generators = {name: train.load_generator_file(layout.model(name))
                   for name in ("srresnet", "srgan")}
     with tracking.stage_run(params.tracking.experiment, "evaluate") as tracker:
@@ -168,7 +169,64 @@ def cmd_evaluate(params: config.Params, layout: Layout, args: argparse.Namespace
         for grid in grids:
             tracker.log_artifact(grid, "grids")
         tracker.log_artifact(layout.plots / "evaluate.csv")
+        decisions = _registry_gate(params, layout, summary, gate_set)
+        tracker.set_tags({f"gate.{d.name}": f"v{d.version} {d.decision}" for d in decisions})
     print(evaluate.table(summary))
+    for decision in decisions:
+        print(decision)
+
+
+def _registry_gate(params: config.Params, layout: Layout, summary: dict[str, Any],
+                   gate_set: str) -> list[Any]:
+    """Tag the versions that made models/*.pt with their numbers, then run the promotion gate.
+
+    The version numbers come from metrics/{pretrain,finetune}.json, written with the weights.
+    A version this registry does not know (another MLFLOW_TRACKING_URI, a deleted mlflow.db)
+    is reported and skipped: the benchmark itself stands and the stage does not fail.
+    """
+    from srcore import tracking
+
+    decisions = []
+    for stage, name in (("pretrain", "srresnet"), ("finetune", "srgan")):
+        path = layout.metrics / f"{stage}.json"
+        version = json.loads(path.read_text()).get("registered_version") if path.is_file() \
+            else None
+        if version is None:
+            continue
+        metric = "psnr_y" if name == "srresnet" else params.tracking.gate_metric_srgan
+        try:
+            tracking.tag_metrics(name, str(version), {
+                s: methods[name] for s, methods in summary.items() if name in methods})
+            decisions.append(tracking.gate(name, str(version), gate_set, metric))
+        except tracking.RegistryError as err:
+            print(f"registry gate: skipped {name}: {err}", file=sys.stderr)
+    return decisions
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from srcore import report
+
+    print(report.report(Layout(Path(args.root).resolve()).metrics / "evaluate.json"))
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from srcore import tracking
+
+    uri = tracking.tracking_uri()
+    if uri == tracking.DEFAULT_URI and not Path("mlflow.db").is_file():
+        raise UserError("mlflow.db: not found here; run from the project root after a "
+                        "training stage, or set MLFLOW_TRACKING_URI")
+    try:
+        if args.models_command == "compare":
+            frame = tracking.compare([args.name] if args.name else ["srresnet", "srgan"])
+            print(frame.to_string(index=False) if not frame.empty
+                  else f"no registered versions in {uri}")
+        else:
+            previous = tracking.promote(args.name, args.version, args.reason)
+            print(f"{args.name} v{args.version} is now @{tracking.CHAMPION}"
+                  + (f" (was v{previous})" if previous else ""))
+    except tracking.RegistryError as err:
+        raise UserError(str(err)) from None
 
 
 def cmd_params_apply(args: argparse.Namespace) -> None:
@@ -223,6 +281,20 @@ def build_parser() -> argparse.ArgumentParser:
     apply_p = params_sub.add_parser(
         "apply", help="merge an overlay such as configs/paper.yaml into params.yaml")
     apply_p.add_argument("overlay")
+    sub.add_parser("report", help="our benchmark beside the paper's Table 2 (PSNR-Y, daala "
+                   "SSIM), from metrics/evaluate.json")
+    models_p = sub.add_parser("models", help="the model registry: compare versions, promote")
+    models_sub = models_p.add_subparsers(dest="models_command", required=True)
+    compare_p = models_sub.add_parser(
+        "compare", help="all versions side by side: metric tags, data version, aliases")
+    compare_p.add_argument("name", nargs="?", choices=("srresnet", "srgan"),
+                           help="one model (default: both)")
+    promote_p = models_sub.add_parser(
+        "promote", help="manual override: make VERSION the @champion of NAME")
+    promote_p.add_argument("name", choices=("srresnet", "srgan"))
+    promote_p.add_argument("version")
+    promote_p.add_argument("--reason", required=True,
+                           help="why (recorded on the version with who and when)")
     return parser
 
 
@@ -237,18 +309,43 @@ def run_stage(stage: str, params_path: str | Path = "params.yaml", root: str | P
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "params":
-            cmd_params_apply(args)
+        if args.command in ("params", "report", "models"):
+            {"params": cmd_params_apply, "report": cmd_report, "models": cmd_models}[
+                args.command](args)
             return 0
         params = config.load(args.params)
         STAGE_COMMANDS[args.command](params, Layout(Path(args.root).resolve()), args)
     except _user_errors() as err:
         print(f"srgan {args.command}: error: {err}", file=sys.stderr)
+        _record_failure(args, str(err))
         return 2
     except KeyboardInterrupt:
         print(f"srgan {args.command}: interrupted; re-run to resume", file=sys.stderr)
+        _record_failure(args, "interrupted")
         return 130
+    except Exception as err:
+        _record_failure(args, f"unexpected {type(err).__name__}: {err}")
+        raise
+    _record_failure(args, None)
     return 0
+
+
+def failure_path(root: Path, command: str) -> Path:
+    """Where a stage leaves its last error, so an orchestrator running it through DVC (which
+    only reports an exit status) can say why it failed."""
+    return root / ".srgan" / "errors" / f"{command}.txt"
+
+
+def _record_failure(args: argparse.Namespace, message: str | None) -> None:
+    path = failure_path(Path(args.root).resolve(), args.command)
+    try:
+        if message is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(message + "\n")
+    except OSError:
+        pass  # reporting must never mask the stage's own outcome
 
 
 if __name__ == "__main__":

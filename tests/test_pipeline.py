@@ -101,3 +101,35 @@ def test_serve_entry_registers_a_scheduled_deployment(prefect_harness: None,
     assert [s.schedule.cron for s in registered.schedules] == ["0 3 * * *"]
     assert registered.parameters == {"params_path": "params.yaml", "root": str(tmp_path),
                                      "force": ["evaluate"]}
+
+
+def test_second_run_on_a_busy_workspace_stops_clearly(tmp_path: Path,
+                                                      prefect_harness: None) -> None:
+    import sys
+    import time
+
+    from flows.pipeline import WorkspaceBusy, pipeline, workspace_lock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from filelock import FileLock; "
+         f"lock = FileLock({str(tmp_path / '.srgan.lock')!r}); lock.acquire(); "
+         "print('held', flush=True); "
+         "time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        start = time.perf_counter()
+        with pytest.raises(WorkspaceBusy, match=r"\.srgan\.lock"), \
+                workspace_lock(tmp_path, timeout_s=0.5):
+            pass
+        assert 0.4 < time.perf_counter() - start < 5  # it waited, then stopped
+        params = tmp_path / "params.yaml"
+        params.write_text((Path(__file__).parents[1] / "params.yaml").read_text())
+        with pytest.raises(WorkspaceBusy):
+            pipeline(params_path="params.yaml", root=str(tmp_path))
+    finally:
+        holder.kill()
+        holder.wait()
+    with workspace_lock(tmp_path, timeout_s=0):  # free again once the holder is gone
+        pass
