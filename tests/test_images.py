@@ -17,7 +17,7 @@ def test_grey_rgb_rgba_palette_and_16bit_are_converted(tmp_path: Path) -> None:
     Image.fromarray(rgb[..., 0]).save(tmp_path / "grey.png")
     Image.fromarray(np.dstack([rgb, np.full((9, 7), 128, np.uint8)])).save(tmp_path / "a.png")
     Image.fromarray(rgb).convert("P").save(tmp_path / "pal.png")
-    Image.fromarray((rgb[..., 1].astype(np.uint16) * 257)).save(tmp_path / "deep.png")
+    Image.fromarray(rgb[..., 1].astype(np.uint16) * 257).save(tmp_path / "deep.png")
 
     np.testing.assert_array_equal(load_image(tmp_path / "rgb.png"), rgb)
     assert load_image(tmp_path / "grey.png").shape == (9, 7)
