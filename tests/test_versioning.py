@@ -63,3 +63,11 @@ def test_pull_without_remote_data_fails_clearly(project: Path, tmp_path: Path) -
     _git(tmp_path, "clone", "-q", str(project), str(clone))
     with pytest.raises(versioning.VersioningError, match="dvc pull failed"):
         versioning.pull(clone)
+
+
+def test_dvc_repro_on_a_fresh_clone_says_how_to_get_data(project: Path) -> None:
+    result = subprocess.run(["dvc", "repro"], cwd=project, capture_output=True, text=True)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "run `srgan download`" in output and "dvc pull" in output
+    assert "Running stage 'prepare'" not in output
