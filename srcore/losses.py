@@ -20,11 +20,17 @@ class ContentLoss(nn.Module):
     def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         if self.vgg is None:
             return F.mse_loss(sr, hr)
-        return F.mse_loss(self.vgg(sr), self.vgg(hr).detach())
+        with torch.no_grad():  # the target's features need no graph
+            target = self.vgg(hr)
+        return F.mse_loss(self.vgg(sr), target)
 
 
 def generator_adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:
-    """-log D(G(x)) in the stable logits form (the paper's non-saturating generator loss)."""
+    """-log D(G(x)) in the stable logits form (the paper's non-saturating generator loss).
+
+    BCE-with-logits against 1 is softplus(-logit): exact, and finite for any logit, where
+    -log(sigmoid(logit)) overflows to inf once sigmoid underflows to 0.
+    """
     return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
 
 

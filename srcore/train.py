@@ -1,4 +1,13 @@
-"""SRResNet pretraining (pixel MSE) and SRGAN fine-tuning, with atomic checkpoints and resume."""
+"""SRResNet pretraining (pixel MSE) and SRGAN fine-tuning, with atomic checkpoints and resume.
+
+Resume is exact: a batch is a pure function of (seed, iteration) and a checkpoint holds every
+piece of state that changes during training (weights, BN statistics, optimisers, schedulers,
+EMA, RNG, the running log averages), so a killed and resumed run ends with the same weights,
+bit for bit, as an uninterrupted one on the same machine and settings.
+
+The step functions are built by `make_pretrain_step` / `make_finetune_step` so that the
+throughput benchmark times exactly the code the stages run.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +15,16 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -28,9 +39,20 @@ from srcore.models.srresnet import SRResNet, build_generator, generator_spec
 from srcore.tracking import Tracker
 from srcore.upscale import lr_to_tensor, tensor_to_image
 
+#: One training iteration: (LR batch, HR batch) -> losses as plain floats. Floats, not
+#: tensors, so nothing the loop keeps can pin a graph or device memory across iterations.
+StepFn = Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
+#: Opens the mixed-precision context of a step (default: `autocast(params, device)`).
+AmpContext = Callable[[], contextlib.AbstractContextManager[Any]]
+
 
 class CheckpointMismatch(ValueError):
     """Saved weights do not fit the network being built; the message names the key."""
+
+
+class UnreadableWeights(CheckpointMismatch):
+    """A weights file that torch.load(weights_only=True) refuses: torn, foreign or pickled
+    code. A subclass so the CLI reports it as one line, like a shape mismatch."""
 
 
 # --------------------------------------------------------------------------- runtime helpers
@@ -45,16 +67,19 @@ def resolve_device(name: str) -> torch.device:
 
 
 def setup_runtime(params: Params) -> torch.device:
+    """Seed, determinism and cuDNN/TF32 switches; set both ways so a process is never left
+    deterministic (or not) by an earlier stage run in the same interpreter."""
     device = resolve_device(params.runtime.device)
     torch.manual_seed(params.seed)
-    if params.runtime.deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+    deterministic = params.runtime.deterministic
+    if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    fast_cuda = device.type == "cuda" and not deterministic
+    torch.backends.cudnn.benchmark = fast_cuda
+    torch.backends.cuda.matmul.allow_tf32 = fast_cuda
+    torch.backends.cudnn.allow_tf32 = fast_cuda
     return device
 
 
@@ -62,15 +87,32 @@ def memory_format(params: Params) -> torch.memory_format:
     return torch.channels_last if params.runtime.channels_last else torch.contiguous_format
 
 
+def cpu_has_native_bf16() -> bool:
+    """oneDNN runs bf16 natively (AVX512-BF16 / AMX): 2.2-2.5x faster steps measured on a
+    2-core Zen 4 (benchmarks/train_throughput.py); elsewhere bf16 is emulated and slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def amp_enabled(params: Params, device: torch.device) -> bool:
+    if not params.runtime.amp:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+
+
 def autocast(params: Params, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA only: CPU bf16 convolutions are slower than fp32 on most CPUs."""
-    enabled = params.runtime.amp and device.type == "cuda"
+    """bf16 autocast (runtime.amp) on CUDA, and on CPUs with native bf16 support."""
+    enabled = amp_enabled(params, device)
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def make_adam(module: nn.Module, lr: float, betas: tuple[float, float],
               device: torch.device) -> torch.optim.Adam:
-    fused = device.type == "cuda"
+    """Fused Adam (one kernel for all parameters) on CUDA and CPU: the per-parameter loop of
+    the default implementation dominates small models' steps on CPU."""
+    fused = device.type in ("cuda", "cpu")
     return torch.optim.Adam(module.parameters(), lr=lr, betas=betas, fused=fused)
 
 
@@ -92,29 +134,54 @@ def load_state_checked(module: nn.Module, state: dict[str, torch.Tensor], what: 
 
 
 def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary name, fsync, rename: a kill (or power loss) at any moment
+    leaves either the previous file or the new one, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
+    with tmp.open("wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
 def save_generator(model: SRResNet, path: Path, extra: dict[str, Any]) -> None:
     """Weights plus the spec that rebuilds the network (inference needs global_skip etc.)."""
-    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()}
     atomic_save({"spec": generator_spec(_unwrap(model)), "state_dict": state, **extra}, path)
 
 
 def load_generator_file(path: Path) -> SRResNet:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; run the stage that makes it (dvc repro)")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    model = SRResNet(**blob["spec"])
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        spec = blob["spec"]
+    except Exception as err:  # noqa: BLE001 - any unusable file gets the same advice
+        raise UnreadableWeights(
+            f"{path}: not a generator weights file ({type(err).__name__}: {err}); "
+            "re-run the stage that makes it (dvc repro)") from None
+    model = SRResNet(**spec)
     load_state_checked(model, blob["state_dict"], str(path))
     return model.eval()
 
 
+def _say(message: str) -> None:
+    """A diagnostic on stderr that does not break the progress bar (stdout stays clean)."""
+    tqdm.write(message, file=sys.stderr)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
+
+
+def file_digest(path: Path) -> str:
+    """Content hash of a file (the SRResNet that a fine-tuning run started from)."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------- checkpoints
@@ -132,36 +199,48 @@ def fingerprint(params: Params, stage: str) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def read_checkpoint(path: Path, expected_fingerprint: str) -> dict[str, Any] | None:
-    """A resumable checkpoint, or None when there is none or it was made with other params."""
+def read_checkpoint(path: Path, expected_fingerprint: str,
+                    init_digest: str | None = None) -> dict[str, Any] | None:
+    """A resumable checkpoint, or None when there is none or it was made with other params.
+
+    `init_digest` (fine-tuning): the hash of the SRResNet the run starts from; a checkpoint
+    of a run that started from another SRResNet (pretrain was re-run) is not resumed.
+    """
     if not path.is_file():
         return None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - a torn or foreign file is simply not resumable
-        tqdm.write(f"ignoring unreadable checkpoint {path}: {err}")
+        _say(f"ignoring unreadable checkpoint {path}: {err}")
         return None
-    if ckpt.get("fingerprint") != expected_fingerprint:
-        tqdm.write(f"ignoring checkpoint {path}: it was made with different params")
+    if not isinstance(ckpt, dict) or ckpt.get("fingerprint") != expected_fingerprint:
+        _say(f"ignoring checkpoint {path}: it was made with different params")
+        return None
+    if init_digest is not None and ckpt.get("init_digest") not in (None, init_digest):
+        _say(f"ignoring checkpoint {path}: it started from another models/srresnet.pt")
         return None
     return ckpt
 
 
 @dataclass
 class LoopState:
-    """What the shared loop needs from a stage: step function, modules to checkpoint."""
+    """What the shared loop checkpoints: modules, optimisers, schedulers, EMA, log sums."""
 
     modules: dict[str, nn.Module]
     optimizers: dict[str, torch.optim.Optimizer]
     schedulers: dict[str, Any] = field(default_factory=dict)
     ema: torch.optim.swa_utils.AveragedModel | None = None
+    log_sums: dict[str, float] = field(default_factory=dict)
+    log_count: int = 0
 
 
-def _snapshot(state: LoopState, iteration: int, fp: str, run_id: str) -> dict[str, Any]:
+def _snapshot(state: LoopState, iteration: int, fp: str, run_id: str,
+              init_digest: str | None) -> dict[str, Any]:
     blob: dict[str, Any] = {
         "fingerprint": fp, "iteration": iteration, "run_id": run_id,
+        "init_digest": init_digest,
         "torch_rng": torch.get_rng_state(),
-        "numpy_rng": json.dumps(np.random.get_state()[1].tolist()),
+        "log_sums": dict(state.log_sums), "log_count": state.log_count,
     }
     for k, m in state.modules.items():
         blob[f"model.{k}"] = _unwrap(m).state_dict()
@@ -177,14 +256,19 @@ def _snapshot(state: LoopState, iteration: int, fp: str, run_id: str) -> dict[st
 
 
 def _restore(state: LoopState, ckpt: dict[str, Any], path: Path) -> None:
-    for k, m in state.modules.items():
-        load_state_checked(_unwrap(m), ckpt[f"model.{k}"], f"{path} ({k})")
+    try:
+        for k, m in state.modules.items():
+            load_state_checked(_unwrap(m), ckpt[f"model.{k}"], f"{path} ({k})")
+        if state.ema is not None:
+            load_state_checked(state.ema, ckpt["ema"], f"{path} (ema)")
+    except CheckpointMismatch as err:
+        raise CheckpointMismatch(f"{err}; delete {path} to start this stage over") from None
     for k, o in state.optimizers.items():
         o.load_state_dict(ckpt[f"optim.{k}"])
     for k, s in state.schedulers.items():
         s.load_state_dict(ckpt[f"sched.{k}"])
-    if state.ema is not None and "ema" in ckpt:
-        state.ema.load_state_dict(ckpt["ema"])
+    state.log_sums = dict(ckpt.get("log_sums", {}))
+    state.log_count = int(ckpt.get("log_count", 0))
     torch.set_rng_state(ckpt["torch_rng"])
     if "cuda_rng" in ckpt and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
@@ -196,12 +280,13 @@ def _restore(state: LoopState, ckpt: dict[str, Any], path: Path) -> None:
 def train_pairs(params: Params, layout: Layout) -> list[Pair]:
     pairs: list[Pair] = []
     for spec in params.data.train:
-        pairs.extend(load_pairs(layout.prepared, spec.name))
+        pairs.extend(load_pairs(layout.prepared, spec.name, params.scale))
     return pairs
 
 
 def batches(params: Params, cfg: PretrainConfig | FinetuneConfig, pairs: list[Pair],
             start: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of iterations start+1 .. cfg.iterations (item i is iteration i+1's batch)."""
     dataset = RandomCropBatches(pairs, cfg.batch_size, cfg.hr_crop, params.scale,
                                 params.seed, cfg.augment)
     workers = params.runtime.num_workers
@@ -219,7 +304,7 @@ def batches(params: Params, cfg: PretrainConfig | FinetuneConfig, pairs: list[Pa
 def validation_pairs(params: Params, layout: Layout, limit: int = 3,
                      max_lr: int = 96) -> list[Pair]:
     """A few centre-cropped held-out images: cheap enough to score every val_every steps."""
-    pairs = load_pairs(layout.prepared, params.data.test[0].name)[:limit]
+    pairs = load_pairs(layout.prepared, params.data.test[0].name, params.scale)[:limit]
     out = []
     for p in pairs:
         h, w = p.lr.shape[:2]
@@ -247,47 +332,121 @@ def validate(model: nn.Module, pairs: list[Pair], params: Params,
     return float(np.mean(scores)), images
 
 
+# ------------------------------------------------------------------------------ the steps
+
+
+def make_pretrain_step(generator: nn.Module, opt: torch.optim.Optimizer, params: Params,
+                       device: torch.device, amp: AmpContext | None = None) -> StepFn:
+    """One Adam step on pixel MSE between G(LR) and HR, both in [-1, 1].
+
+    `amp` overrides the mixed-precision context (the benchmark tries CPU bf16 with it).
+    """
+    amp = amp or (lambda: autocast(params, device))
+
+    def step(lr: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
+        with amp():
+            sr = generator(lr)
+        loss = F.mse_loss(sr.float(), hr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss_mse": loss.item()}
+
+    return step
+
+
+def make_finetune_step(generator: nn.Module, disc: nn.Module, content: nn.Module,
+                       opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
+                       cfg: FinetuneConfig, params: Params, device: torch.device,
+                       amp: AmpContext | None = None) -> StepFn:
+    """k = cfg.d_steps D updates, then one G update on content + adv_weight * -log D(G(x)).
+
+    G runs forward once per iteration: D trains on the detached SR batch, and G's loss reuses
+    the same graph (G's weights do not change in between, so this is the same objective as a
+    second forward, at two thirds of G's cost). D's weights are frozen while G's loss is
+    back-propagated: G only needs dL/dSR, not D's weight gradients.
+    """
+    amp = amp or (lambda: autocast(params, device))
+
+    def step(lr: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
+        with amp():
+            sr = generator(lr)
+        fake = sr.detach()
+        for _ in range(cfg.d_steps):
+            with amp():
+                real_logits, fake_logits = disc(hr).float(), disc(fake).float()
+            loss_real, loss_fake = discriminator_loss(real_logits, fake_logits)
+            opt_d.zero_grad(set_to_none=True)
+            (loss_real + loss_fake).backward()
+            opt_d.step()
+        disc.requires_grad_(False)
+        try:
+            with amp():
+                adv_logits = disc(sr).float()
+                loss_content = content(sr.float(), hr)
+            loss_adv = generator_adversarial_loss(adv_logits)
+            loss_g = loss_content + cfg.adv_weight * loss_adv
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+        finally:
+            disc.requires_grad_(True)
+        opt_g.step()
+        values = torch.stack([
+            loss_g, loss_content, loss_adv, loss_real, loss_fake,
+            torch.sigmoid(real_logits).mean(), torch.sigmoid(fake_logits).mean(),
+        ]).detach().float().tolist()  # one device sync, not seven
+        keys = ("loss_g", "loss_g_content", "loss_g_adv", "loss_d_real", "loss_d_fake",
+                "d_real_mean", "d_fake_mean")
+        return dict(zip(keys, values, strict=True))
+
+    return step
+
+
 # ------------------------------------------------------------------------------- the loop
 
 
 def _run_loop(stage: str, params: Params, layout: Layout, tracker: Tracker,
               cfg: PretrainConfig | FinetuneConfig, state: LoopState, generator: nn.Module,
-              step_fn: Any, device: torch.device) -> dict[str, float]:
-    """Shared loop: resume, progress bar, logging, validation, checkpoints, memory checks."""
+              step_fn: StepFn, device: torch.device,
+              init_digest: str | None = None) -> dict[str, float]:
+    """Shared loop: resume, progress bar, logging, validation, checkpoints."""
     ckpt_path = layout.checkpoints / f"{stage}.pt"
     fp = fingerprint(params, stage)
     start = 0
-    ckpt = read_checkpoint(ckpt_path, fp)
+    ckpt = read_checkpoint(ckpt_path, fp, init_digest)
     if ckpt is not None:
         _restore(state, ckpt, ckpt_path)
         start = int(ckpt["iteration"])
-        tqdm.write(f"{stage}: resuming from {ckpt_path} at iteration {start}")
+        _say(f"{stage}: resuming from {ckpt_path} at iteration {start}")
+        tracker.log_metrics({f"{stage}/resumed_at": start}, step=start)
+        del ckpt  # the optimiser state in it would otherwise live as long as the loop
     val = validation_pairs(params, layout)
     pairs = train_pairs(params, layout)
-    sums: dict[str, float] = {}
-    count = 0
     last: dict[str, float] = {}
+    first_opt = next(iter(state.optimizers.values()))
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.iterations, initial=start, desc=stage, unit="it", dynamic_ncols=True)
     it = start
     for it, (lr, hr) in enumerate(batches(params, cfg, pairs, start, device), start=start + 1):
         losses = step_fn(lr, hr)
         for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + v
-        count += 1
+            state.log_sums[k] = state.log_sums.get(k, 0.0) + v
+        state.log_count += 1
+        lr_used = first_opt.param_groups[0]["lr"]  # before the scheduler moves it on
         if state.ema is not None:
             state.ema.update_parameters(_unwrap(generator))
         for s in state.schedulers.values():
             s.step()
         bar.update(1)
         if it % cfg.log_every == 0 or it == cfg.iterations:
-            last = {k: v / count for k, v in sums.items()}
+            last = {k: v / state.log_count for k, v in state.log_sums.items()}
             bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if "loss" in k})
-            tracker.log_metrics({f"{stage}/{k}": v for k, v in last.items()}, step=it)
+            logged = {f"{stage}/{k}": v for k, v in last.items()}
+            logged[f"{stage}/lr"] = lr_used
             if device.type == "cuda":
-                tracker.log_metrics(
-                    {"cuda_max_mem_mb": torch.cuda.max_memory_allocated() / 2**20}, step=it)
-            sums, count = {}, 0
+                logged["cuda_max_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            tracker.log_metrics(logged, step=it)
+            state.log_sums, state.log_count = {}, 0
         if it % cfg.val_every == 0 or it == cfg.iterations:
             net = state.ema.module if state.ema is not None else generator
             score, images = validate(net, val, params, device)
@@ -296,7 +455,7 @@ def _run_loop(stage: str, params: Params, layout: Layout, tracker: Tracker,
             for p, img in zip(val, images, strict=True):
                 tracker.log_image(img, f"val/{stage}/{it:07d}_{p.name}.png")
         if it % cfg.checkpoint_every == 0 and it < cfg.iterations:
-            atomic_save(_snapshot(state, it, fp, tracker.run_id), ckpt_path)
+            atomic_save(_snapshot(state, it, fp, tracker.run_id, init_digest), ckpt_path)
     bar.close()
     seconds = time.perf_counter() - t0
     done = it - start
@@ -315,6 +474,7 @@ def _final_generator(state: LoopState, generator: nn.Module) -> SRResNet:
 
 
 def _ema(params: Params, model: nn.Module) -> torch.optim.swa_utils.AveragedModel | None:
+    """EMA of G's weights and BN statistics (beyond the paper); None when ema_decay is null."""
     decay = params.runtime.ema_decay
     if decay is None:
         return None
@@ -335,34 +495,39 @@ def pretrain(params: Params, layout: Layout, tracker: Tracker) -> tuple[SRResNet
     generator = build_generator(params.model, params.scale).to(device, memory_format=fmt)
     opt = make_adam(generator, cfg.lr, (cfg.beta1, cfg.beta2), device)
     state = LoopState({"generator": generator}, {"generator": opt}, ema=_ema(params, generator))
-    g = _maybe_compile(params, generator)
-    mse = nn.MSELoss()
-
-    def step(lr: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
-        with autocast(params, device):
-            loss = mse(g(lr).float(), hr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return {"loss_mse": loss.detach().item()}
-
+    step = make_pretrain_step(_maybe_compile(params, generator), opt, params, device)
     generator.train()
     metrics = _run_loop("pretrain", params, layout, tracker, cfg, state, generator, step, device)
     return _final_generator(state, generator).cpu().eval(), metrics
 
 
+def load_initial_generator(params: Params, path: Path) -> SRResNet:
+    """G for fine-tuning from the pretrained SRResNet; refuses one of another shape or spec."""
+    generator = build_generator(params.model, params.scale)
+    saved = load_generator_file(path)
+    load_state_checked(generator, saved.state_dict(), str(path))
+    want, have = generator_spec(generator), generator_spec(saved)
+    for key, value in want.items():
+        if have[key] != value:
+            raise CheckpointMismatch(
+                f"{path}: '{key}' is {have[key]!r} but params say {value!r}; re-run "
+                "`srgan pretrain` with the current params"
+            )
+    return generator
+
+
 def finetune(params: Params, layout: Layout, tracker: Tracker,
              vgg_state_dict: dict[str, torch.Tensor] | None = None,
              ) -> tuple[SRResNet, dict[str, float]]:
-    """SRGAN: G from SRResNet, content + adv_weight * -log D(G(x)), k D steps per G step."""
+    """SRGAN: G from SRResNet, content + adv_weight * -log D(G(x)), k D steps per G step,
+    Adam(beta1) at lr for the first half and lr_second_half from the midpoint (the paper's
+    10^5 + 10^5 iterations at 1e-4 then 1e-5)."""
     cfg = params.finetune
     device = setup_runtime(params)
     fmt = memory_format(params)
+    init_path = layout.model("srresnet")
+    generator = load_initial_generator(params, init_path).to(device, memory_format=fmt)
     content = ContentLoss(cfg.content_loss, vgg_state_dict).to(device, memory_format=fmt)
-    generator = build_generator(params.model, params.scale)
-    load_state_checked(generator, load_generator_file(layout.model("srresnet")).state_dict(),
-                       str(layout.model("srresnet")))
-    generator = generator.to(device, memory_format=fmt)
     disc = Discriminator(cfg.hr_crop, cfg.d_channels).to(device, memory_format=fmt)
     opt_g = make_adam(generator, cfg.lr, (cfg.beta1, cfg.beta2), device)
     opt_d = make_adam(disc, cfg.lr, (cfg.beta1, cfg.beta2), device)
@@ -375,40 +540,10 @@ def finetune(params: Params, layout: Layout, tracker: Tracker,
     state = LoopState({"generator": generator, "discriminator": disc},
                       {"generator": opt_g, "discriminator": opt_d}, scheds,
                       ema=_ema(params, generator))
-    g, d = _maybe_compile(params, generator), disc
-
-    def step(lr: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for _ in range(cfg.d_steps):
-            with torch.no_grad(), autocast(params, device):
-                fake = g(lr)
-            with autocast(params, device):
-                real_logits, fake_logits = d(hr).float(), d(fake.detach()).float()
-            loss_real, loss_fake = discriminator_loss(real_logits, fake_logits)
-            opt_d.zero_grad(set_to_none=True)
-            (loss_real + loss_fake).backward()
-            opt_d.step()
-        with autocast(params, device):
-            sr = g(lr)
-            adv_logits = d(sr).float()
-            loss_content = content(sr.float(), hr)
-        loss_adv = generator_adversarial_loss(adv_logits)
-        loss_g = loss_content + cfg.adv_weight * loss_adv
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-        out.update({
-            "loss_g": loss_g.detach().item(),
-            "loss_g_content": loss_content.detach().item(),
-            "loss_g_adv": loss_adv.detach().item(),
-            "loss_d_real": loss_real.detach().item(),
-            "loss_d_fake": loss_fake.detach().item(),
-            "d_real_mean": torch.sigmoid(real_logits).mean().item(),
-            "d_fake_mean": torch.sigmoid(fake_logits).mean().item(),
-        })
-        return out
-
+    step = make_finetune_step(_maybe_compile(params, generator), disc, content, opt_g, opt_d,
+                              cfg, params, device)
     generator.train()
     disc.train()
-    metrics = _run_loop("finetune", params, layout, tracker, cfg, state, generator, step, device)
+    metrics = _run_loop("finetune", params, layout, tracker, cfg, state, generator, step,
+                        device, init_digest=file_digest(init_path))
     return _final_generator(state, generator).cpu().eval(), metrics

@@ -19,8 +19,12 @@ class Pair:
     lr: np.ndarray
 
 
-def load_pairs(prepared: Path, set_name: str) -> list[Pair]:
-    """Decode prepared/<set>/{HR,LR}; a missing partner or wrong size names the file."""
+def load_pairs(prepared: Path, set_name: str, scale: int | None = None) -> list[Pair]:
+    """Decode prepared/<set>/{HR,LR}; a missing partner or wrong size names the file.
+
+    With `scale`, HR must be exactly `scale` times LR: a set prepared for another scale would
+    otherwise train on misaligned crops without any error.
+    """
     hr_dir, lr_dir = prepared / set_name / "HR", prepared / set_name / "LR"
     if not hr_dir.is_dir():
         raise FileNotFoundError(f"{hr_dir}: missing; run `srgan prepare` (or `dvc repro`)")
@@ -32,6 +36,11 @@ def load_pairs(prepared: Path, set_name: str) -> list[Pair]:
         hr, lr = load_image(hr_path), load_image(lr_path)
         if hr.shape[0] % lr.shape[0] or hr.shape[0] // lr.shape[0] != hr.shape[1] // lr.shape[1]:
             raise ImageError(f"{lr_path}: size {lr.shape} does not match HR {hr.shape}")
+        if scale is not None and hr.shape[:2] != (lr.shape[0] * scale, lr.shape[1] * scale):
+            raise ImageError(
+                f"{lr_path}: LR {lr.shape[1]}x{lr.shape[0]} is not HR {hr.shape[1]}x{hr.shape[0]}"
+                f" / {scale}; prepared/ was made for another scale: run `srgan prepare`"
+            )
         pairs.append(Pair(hr_path.stem, hr, lr))
     return pairs
 
@@ -49,6 +58,10 @@ class RandomCropBatches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         if hr_crop % scale:
             raise ValueError(f"hr_crop {hr_crop} is not a multiple of scale {scale}")
         self.lr_crop = hr_crop // scale
+        for p in pairs:
+            if p.hr.shape[:2] != (p.lr.shape[0] * scale, p.lr.shape[1] * scale):
+                raise ImageError(f"{p.name}: HR {p.hr.shape[:2]} is not LR {p.lr.shape[:2]} x "
+                                 f"{scale}; crops would be misaligned (run `srgan prepare`)")
         usable = [p for p in pairs if min(p.lr.shape[:2]) >= self.lr_crop]
         if not usable:
             raise ImageError(f"no training image has an LR side of at least {self.lr_crop} px "
