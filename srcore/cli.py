@@ -119,8 +119,9 @@ def _train_stage(stage: str, params: config.Params, layout: Layout) -> None:
             from srcore.models.vgg import load_vgg19_state_dict
 
             vgg = load_vgg19_state_dict()  # fail before any work when weights are missing
+    init_digest = train.file_digest(layout.model("srresnet")) if stage == "finetune" else None
     ckpt = train.read_checkpoint(layout.checkpoints / f"{stage}.pt",
-                                 train.fingerprint(params, stage))
+                                 train.fingerprint(params, stage), init_digest)
     resume_id = ckpt["run_id"] if ckpt else None
     with tracking.stage_run(params.tracking.experiment, stage, resume_id) as tracker:
         tracker.log_params(config.as_flat_dict(params))
@@ -256,8 +257,10 @@ HELP = {
                 "checkpoints/pretrain.pt after an interruption.",
     "finetune": "Train SRGAN from SRResNet (content + adversarial loss); writes "
                 "models/srgan.pt and metrics/finetune.json, registers 'srgan'. Resumable.",
-    "evaluate": "PSNR/SSIM (Y, border crop) of bicubic, SRResNet and SRGAN on every test set; "
-                "writes metrics/evaluate.json, plots/evaluate.csv and reports/grid_*.png.",
+    "evaluate": "PSNR-Y, Wang and daala SSIM-Y (border crop) of bicubic, SRResNet and SRGAN "
+                "on every test set; writes metrics/evaluate.json, plots/evaluate.csv and "
+                "reports/grid_*.png, tags the registered versions with their numbers and runs "
+                "the @champion/@challenger gate.",
 }
 
 
