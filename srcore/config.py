@@ -115,6 +115,10 @@ class EvaluateConfig(_Strict):
 class TrackingConfig(_Strict):
     experiment: Annotated[str, Field(min_length=1)]
     register_models: bool
+    # Promotion gate (srcore.tracking.gate): the test set it compares on (None = the first of
+    # data.test) and SRGAN's metric; SRResNet, trained for MSE, is always gated on psnr_y.
+    gate_set: Annotated[str, Field(min_length=1)] | None
+    gate_metric_srgan: Literal["psnr_y", "ssim_y", "ssim_daala_y"]
 
 
 class Params(_Strict):

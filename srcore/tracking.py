@@ -7,13 +7,18 @@ grouped by a parent run whose id travels in the SRGAN_PARENT_RUN_ID environment 
 from __future__ import annotations
 
 import contextlib
+import getpass
+import json
 import os
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -36,13 +41,30 @@ def configure(experiment: str) -> str:
     return exp.experiment_id
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
+    """stdout of a git command in the cwd, or None outside a repository / without commits."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5, check=False)
-    except OSError:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                             check=False)
+    except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _git_commit() -> str | None:
+    # A repository without commits prints "HEAD" with status 128: that is no commit.
+    return _git("rev-parse", "--verify", "-q", "HEAD") or None
+
+
+def _git_dirty() -> bool | None:
+    """Whether the code differs from the commit, when a commit id alone would mislead.
+
+    Only code paths count: params.yaml and dvc.lock change with every experiment and are
+    recorded separately (the params tags, the data version).
+    """
+    status = _git("status", "--porcelain", "--untracked-files=no", "--",
+                  "srcore", "flows", "pyproject.toml")
+    return None if status is None else bool(status)
 
 
 class Tracker:
@@ -99,10 +121,31 @@ class Tracker:
                 registered_model_name=name if register else None,
             )
         version = getattr(info, "registered_model_version", None)
-        if register and version is not None and tags:
-            for k, v in tags.items():
+        if register and version is not None:
+            for k, v in {**self._provenance(), **(tags or {})}.items():
                 self._client.set_model_version_tag(name, str(version), k, str(v))
         return None if version is None else str(version)
+
+    def _provenance(self) -> dict[str, str]:
+        """What made a version, readable in the registry without opening its run.
+
+        The git commit (and whether its code was dirty), the run's params as one JSON tag, and
+        the ones people filter on as `params.<key>` tags: model.*, scale, seed, data.* and the
+        run's own stage section (pretrain.* or finetune.*).
+        """
+        run = self._client.get_run(self.run_id)
+        params, stage = run.data.params, run.data.tags.get("stage", "")
+        commit = run.data.tags.get("git_commit") or _git_commit()
+        out = {"git_commit": commit or "none"}
+        dirty = _git_dirty() if commit else None
+        if dirty is not None:
+            out["git_dirty"] = str(dirty).lower()
+        if params:
+            out["params"] = json.dumps(dict(sorted(params.items())), separators=(",", ":"))
+            prefixes = ("model.", "data.", f"{stage}.") if stage else ("model.", "data.")
+            out.update({f"params.{k}": v for k, v in params.items()
+                        if k in ("scale", "seed") or k.startswith(prefixes)})
+        return out
 
 
 @contextlib.contextmanager
@@ -182,3 +225,188 @@ def latest_version(name: str) -> str | None:
         return None
     newest = max((int(v.version) for v in versions), default=None)
     return None if newest is None else str(newest)
+
+
+# ------------------------------------------------------------------------------- registry
+#
+# Aliases, not stages (deprecated): `models:/NAME@champion` is what serving loads, and
+# `@challenger` is the newest evaluated version. Every decision is a model-version tag, so the
+# registry itself answers "why is this the champion?".
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+#: Gate metrics; all are higher-is-better.
+GATE_METRICS = ("psnr_y", "ssim_y", "ssim_daala_y")
+
+
+class RegistryError(Exception):
+    """A registry problem the user can fix (unknown model or version, missing metrics)."""
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """The outcome of `gate` for one version: promoted, or the champion kept, and why."""
+
+    name: str
+    version: str
+    decision: str  # promoted | champion_kept | already_champion
+    champion: str  # the champion after the gate
+    reason: str
+
+    @property
+    def promoted(self) -> bool:
+        return self.decision == "promoted"
+
+    def __str__(self) -> str:
+        if self.promoted:
+            head = f"{self.name} v{self.version} is now @{CHAMPION}"
+        elif self.decision == "already_champion":
+            head = f"{self.name} v{self.version} stays @{CHAMPION}"
+        else:
+            head = (f"{self.name} v{self.version} is @{CHALLENGER}; "
+                    f"@{CHAMPION} stays v{self.champion}")
+        return f"registry gate: {head} ({self.reason})"
+
+
+def metric_tag(set_name: str, metric: str) -> str:
+    """Model-version tag holding a benchmark number, e.g. metric.set14.psnr_y."""
+    return f"metric.{set_name}.{metric}"
+
+
+def _registry() -> MlflowClient:
+    mlflow.set_tracking_uri(tracking_uri())
+    return MlflowClient()
+
+
+def _version(client: MlflowClient, name: str, version: str) -> Any:
+    try:
+        return client.get_model_version(name, str(version))
+    except mlflow.exceptions.MlflowException:
+        raise RegistryError(f"model '{name}' has no version {version} in the registry at "
+                            f"{tracking_uri()}; see `srgan models compare {name}`") from None
+
+
+def aliases(name: str) -> dict[str, str]:
+    """alias -> version of a registered model ({} when it is not registered)."""
+    try:
+        model = _registry().get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        return {}
+    return {alias: str(version) for alias, version in model.aliases.items()}
+
+
+def tag_metrics(name: str, version: str, metrics: Mapping[str, Mapping[str, float]]) -> None:
+    """Tag a version with its benchmark numbers, metrics[set][metric] -> metric.<set>.<metric>."""
+    client = _registry()
+    _version(client, name, version)
+    for set_name, values in metrics.items():
+        for metric, value in values.items():
+            client.set_model_version_tag(name, str(version), metric_tag(set_name, metric),
+                                         str(round(float(value), 4)))
+
+
+def gate(name: str, version: str, set_name: str, metric: str) -> GateDecision:
+    """Make `version` the challenger; make it the champion only if it beats the champion.
+
+    "Beats" is strictly greater `metric.<set_name>.<metric>`, both numbers read from tags that
+    `tag_metrics` wrote. With no champion yet, the version becomes champion. A champion
+    without that tag (evaluated on other sets) is kept: the numbers are not like for like, and
+    `srgan models promote` is the explicit way out. The decision and its reason are recorded
+    on the version as `gate_decision` / `gate_reason`.
+    """
+    if metric not in GATE_METRICS:
+        raise ValueError(f"gate metric must be one of {GATE_METRICS}, got {metric!r}")
+    client = _registry()
+    version = str(version)
+    key = metric_tag(set_name, metric)
+    tags = _version(client, name, version).tags
+    if key not in tags:
+        raise RegistryError(f"{name} v{version} has no {key} tag; run `srgan evaluate` first")
+    new = float(tags[key])
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    current = aliases(name).get(CHAMPION)
+    if current is None:
+        decision, reason = "promoted", f"first champion: no @{CHAMPION} yet; {key} = {new:.4f}"
+    elif current == version:
+        decision, reason = "already_champion", f"already @{CHAMPION}; {key} = {new:.4f}"
+    else:
+        old_tags = _version(client, name, current).tags
+        if key not in old_tags:
+            decision = "champion_kept"
+            reason = (f"champion v{current} has no {key} tag, so they cannot be compared like "
+                      f"for like; promote by hand with `srgan models promote {name} {version}`")
+        else:
+            old = float(old_tags[key])
+            if new > old:
+                decision = "promoted"
+                reason = f"{key} {new:.4f} beats champion v{current}'s {old:.4f}"
+            else:
+                decision = "champion_kept"
+                reason = f"{key} {new:.4f} does not beat champion v{current}'s {old:.4f}"
+    if decision == "promoted":
+        client.set_registered_model_alias(name, CHAMPION, version)
+        current = version
+    client.set_model_version_tag(name, version, "gate_decision", decision)
+    client.set_model_version_tag(name, version, "gate_reason", reason)
+    return GateDecision(name, version, decision, str(current), reason)
+
+
+def promote(name: str, version: str, reason: str, who: str | None = None) -> str | None:
+    """Manual override: make `version` the champion, recording who, why, when and over whom.
+
+    Returns the previous champion's version (None when there was none).
+    """
+    client = _registry()
+    version = str(version)
+    _version(client, name, version)
+    previous = aliases(name).get(CHAMPION)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for key, value in {"promoted_by": who or _user(), "promoted_reason": reason,
+                       "promoted_at": when, "promoted_over": previous or "none"}.items():
+        client.set_model_version_tag(name, version, key, value)
+    return previous
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry and no USER in a container
+        return "unknown"
+
+
+def compare(names: Sequence[str]) -> pd.DataFrame:
+    """All versions of `names` side by side: aliases, creation time, data version, commit,
+    gate decision, manual promoter and one column per metric tag (set.metric), newest first."""
+    client = _registry()
+    rows = []
+    for name in names:
+        try:
+            versions = client.search_model_versions(f"name = '{name}'")
+        except mlflow.exceptions.MlflowException:
+            continue
+        by_version: dict[str, list[str]] = {}
+        for alias, v in aliases(name).items():
+            by_version.setdefault(v, []).append(alias)
+        for mv in versions:
+            tags = mv.tags
+            created = datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC)
+            row: dict[str, Any] = {
+                "model": name, "version": int(mv.version),
+                "aliases": ",".join(sorted(by_version.get(str(mv.version), []))),
+                "created (UTC)": created.strftime("%Y-%m-%d %H:%M:%S"),
+                "data_version": tags.get("data_version", ""),
+                "git_commit": tags.get("git_commit", "")[:10],
+                "gate_decision": tags.get("gate_decision", ""),
+                "promoted_by": tags.get("promoted_by", ""),  # a manual override, if any
+            }
+            row.update({k.removeprefix("metric."): float(v) for k, v in tags.items()
+                        if k.startswith("metric.")})
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    fixed = [c for c in frame.columns if "." not in c]
+    metric_cols = sorted(c for c in frame.columns if "." in c)
+    frame = frame[fixed + metric_cols]
+    return frame.sort_values(["model", "version"], ascending=[True, False], ignore_index=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from srcore import versioning
+from srcore import tracking, versioning
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,7 @@ def test_flow_end_to_end_and_both_doors_agree(project: Path, tmp_path: Path,
 
     summary = json.loads((project / "metrics" / "evaluate.json").read_text())
     assert set(summary["sample_test"]) == {"bicubic", "srresnet", "srgan"}
+    assert set(summary["sample_test"]["srgan"]) == {"psnr_y", "ssim_y", "ssim_daala_y"}
     assert "| sample_test | srresnet |" in markdown
     assert (project / "reports" / "grid_sample_test.png").is_file()
     assert (project / "plots" / "evaluate.csv").read_text().startswith("set,image,method")
@@ -52,6 +53,11 @@ def test_flow_end_to_end_and_both_doors_agree(project: Path, tmp_path: Path,
         versions = client.search_model_versions(f"name = '{name}'")
         assert [str(v.version) for v in versions] == ["1"]
         assert versions[0].tags["data_version"] == versioning.data_version(project)
+        # The evaluate stage tagged the version with its numbers and ran the gate.
+        assert float(versions[0].tags["metric.sample_test.psnr_y"]) == pytest.approx(
+            summary["sample_test"][name]["psnr_y"])
+        assert versions[0].tags["gate_decision"] == "promoted"
+        assert tracking.aliases(name) == {"champion": "1", "challenger": "1"}
     runs = client.search_runs(client.get_experiment_by_name("srgan-pipeline").experiment_id)
     parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
     assert len(parents) == 1

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pytest
@@ -55,3 +58,10 @@ def test_failed_stage_is_marked_failed_and_resume_continues_the_run(mlflow_store
     history = MlflowClient().get_metric_history(tracker.run_id, "loss")
     assert [m.step for m in history] == [1, 2]
     assert mlflow.active_run() is None
+
+
+def test_a_repository_without_commits_has_no_git_commit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    monkeypatch.chdir(tmp_path)
+    assert tracking._git_commit() is None  # not the literal "HEAD" git prints there

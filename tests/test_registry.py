@@ -1,0 +1,160 @@
+"""The model registry users act on: provenance tags, the champion/challenger gate, manual
+promotion and the comparison table, against a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from srcore import cli, config, tracking
+from srcore.layout import Layout
+from srcore.models.srresnet import SRResNet
+from tests.conftest import tiny_params_dict
+
+Register = Callable[..., str]
+
+
+@pytest.fixture
+def register(mlflow_store: str) -> Register:
+    """Register one more tiny SRResNet version the way the training stages do."""
+    model = SRResNet(blocks=1, channels=4, scale=4, global_skip=True).eval()
+
+    def _register(name: str = "srresnet", data_version: str = "d1.dir",
+                  metrics: dict[str, dict[str, float]] | None = None) -> str:
+        stage = "pretrain" if name == "srresnet" else "finetune"
+        with tracking.stage_run("t", stage) as tracker:
+            tracker.log_params({"model.blocks": 1, "scale": 4, f"{stage}.lr": 1e-4,
+                                "runtime.device": "cpu"})
+            version = tracker.log_generator(model, name, register=True,
+                                            tags={"data_version": data_version})
+        assert version is not None
+        if metrics:
+            tracking.tag_metrics(name, version, metrics)
+        return version
+
+    return _register
+
+
+def _tags(name: str, version: str) -> dict[str, str]:
+    return MlflowClient().get_model_version(name, version).tags
+
+
+def test_first_version_becomes_champion_and_carries_its_provenance(register: Register) -> None:
+    v1 = register(metrics={"set14": {"psnr_y": 25.0, "ssim_y": 0.7, "ssim_daala_y": 0.71}})
+    decision = tracking.gate("srresnet", v1, "set14", "psnr_y")
+    assert decision.promoted and decision.champion == v1
+    assert "first champion" in decision.reason
+    assert tracking.aliases("srresnet") == {"champion": v1, "challenger": v1}
+
+    tags = _tags("srresnet", v1)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert tags["git_commit"] == head and tags["git_dirty"] in ("true", "false")
+    assert tags["data_version"] == "d1.dir"
+    assert (tags["params.model.blocks"], tags["params.scale"]) == ("1", "4")
+    assert tags["params.pretrain.lr"] == "0.0001" and "params.runtime.device" not in tags
+    assert json.loads(tags["params"])["runtime.device"] == "cpu"  # the full set, as JSON
+    assert tags["metric.set14.psnr_y"] == "25.0" and tags["metric.set14.ssim_daala_y"] == "0.71"
+    assert tags["gate_decision"] == "promoted"
+
+
+def test_a_better_challenger_takes_the_champion_alias(register: Register) -> None:
+    v1 = register(metrics={"set14": {"psnr_y": 25.0}})
+    tracking.gate("srresnet", v1, "set14", "psnr_y")
+    v2 = register(metrics={"set14": {"psnr_y": 25.3}})
+    decision = tracking.gate("srresnet", v2, "set14", "psnr_y")
+    assert decision.promoted and "25.3000 beats champion v1's 25.0000" in decision.reason
+    assert tracking.aliases("srresnet") == {"champion": v2, "challenger": v2}
+    # Re-running the gate on the champion (evaluate re-run) changes nothing.
+    again = tracking.gate("srresnet", v2, "set14", "psnr_y")
+    assert again.decision == "already_champion" and again.champion == v2
+
+
+def test_a_worse_or_equal_challenger_leaves_the_champion_and_says_why(
+        register: Register) -> None:
+    # srgan's gate metric is configurable: here SSIM decides although PSNR improved.
+    v1 = register("srgan", metrics={"set5": {"psnr_y": 24.0, "ssim_y": 0.80}})
+    tracking.gate("srgan", v1, "set5", "ssim_y")
+    v2 = register("srgan", metrics={"set5": {"psnr_y": 26.0, "ssim_y": 0.80}})
+    decision = tracking.gate("srgan", v2, "set5", "ssim_y")
+    assert not decision.promoted and decision.champion == v1
+    assert tracking.aliases("srgan") == {"champion": v1, "challenger": v2}
+    tags = _tags("srgan", v2)
+    assert tags["gate_decision"] == "champion_kept"
+    assert tags["gate_reason"] == ("metric.set5.ssim_y 0.8000 does not beat champion v1's "
+                                   "0.8000")
+    assert str(decision).startswith(f"registry gate: srgan v{v2} is @challenger; "
+                                    f"@champion stays v{v1} (metric.set5.ssim_y")
+
+
+def test_a_champion_measured_on_other_sets_is_not_replaced_blindly(register: Register) -> None:
+    v1 = register(metrics={"sample_test": {"psnr_y": 30.0}})
+    tracking.gate("srresnet", v1, "sample_test", "psnr_y")
+    v2 = register(metrics={"set14": {"psnr_y": 20.0}})
+    decision = tracking.gate("srresnet", v2, "set14", "psnr_y")
+    assert not decision.promoted
+    assert "has no metric.set14.psnr_y" in decision.reason
+    assert f"srgan models promote srresnet {v2}" in decision.reason
+    with pytest.raises(tracking.RegistryError, match="no metric.set5.psnr_y tag"):
+        tracking.gate("srresnet", v2, "set5", "psnr_y")
+
+
+def test_manual_promotion_overrides_the_gate_and_records_who_and_why(
+        register: Register, capsys: pytest.CaptureFixture[str]) -> None:
+    v1 = register(metrics={"set14": {"psnr_y": 25.0}})
+    tracking.gate("srresnet", v1, "set14", "psnr_y")
+    v2 = register(metrics={"set14": {"psnr_y": 24.0}})
+    tracking.gate("srresnet", v2, "set14", "psnr_y")
+    assert cli.main(["models", "promote", "srresnet", v2, "--reason", "sharper faces"]) == 0
+    assert f"srresnet v{v2} is now @champion (was v{v1})" in capsys.readouterr().out
+    assert tracking.aliases("srresnet")["champion"] == v2
+    tags = _tags("srresnet", v2)
+    assert tags["promoted_reason"] == "sharper faces" and tags["promoted_over"] == v1
+    assert tags["promoted_by"] and tags["promoted_at"].endswith("Z")
+    frame = tracking.compare(["srresnet"])
+    assert frame.loc[frame.version == int(v2), "promoted_by"].item() == tags["promoted_by"]
+    assert cli.main(["models", "promote", "srresnet", "9", "--reason", "x"]) == 2
+    assert "has no version 9" in capsys.readouterr().err
+
+
+def test_compare_lists_every_version_with_metrics_data_version_and_aliases(
+        register: Register, capsys: pytest.CaptureFixture[str]) -> None:
+    v1 = register(data_version="old.dir", metrics={"set14": {"psnr_y": 25.0, "ssim_y": 0.7}})
+    tracking.gate("srresnet", v1, "set14", "psnr_y")
+    v2 = register(data_version="new.dir", metrics={"set14": {"psnr_y": 24.0, "ssim_y": 0.8}})
+    tracking.gate("srresnet", v2, "set14", "psnr_y")
+    frame = tracking.compare(["srresnet", "srgan"])
+    assert list(frame["version"]) == [2, 1]  # newest first; srgan has none
+    assert list(frame["aliases"]) == ["challenger", "champion"]
+    assert list(frame["data_version"]) == ["new.dir", "old.dir"]
+    assert list(frame["set14.psnr_y"]) == [24.0, 25.0]
+    assert list(frame["set14.ssim_y"]) == [0.8, 0.7]
+    assert list(frame["gate_decision"]) == ["champion_kept", "promoted"]
+    assert frame["created (UTC)"].str.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d").all()
+    assert cli.main(["models", "compare", "srresnet"]) == 0
+    out = capsys.readouterr().out
+    assert "set14.psnr_y" in out and "champion" in out and "new.dir" in out
+
+
+def test_evaluate_gate_tags_the_versions_named_in_the_training_metrics(
+        register: Register, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    v1 = register()
+    layout = Layout(tmp_path)
+    layout.metrics.mkdir()
+    (layout.metrics / "pretrain.json").write_text(json.dumps({"registered_version": v1}))
+    (layout.metrics / "finetune.json").write_text(json.dumps({"registered_version": "7"}))
+    summary = {"sample_test": {"srresnet": {"psnr_y": 26.5, "ssim_y": 0.75,
+                                            "ssim_daala_y": 0.77},
+                               "srgan": {"psnr_y": 25.0, "ssim_y": 0.7, "ssim_daala_y": 0.7}}}
+    params = config.parse(tiny_params_dict())
+    decisions = cli._registry_gate(params, layout, summary, "sample_test")
+    assert [(d.name, d.version, d.decision) for d in decisions] == [("srresnet", v1,
+                                                                     "promoted")]
+    assert _tags("srresnet", v1)["metric.sample_test.ssim_daala_y"] == "0.77"
+    # srgan v7 is not in this registry: reported, and the evaluate stage still succeeds.
+    assert "skipped srgan: model 'srgan' has no version 7" in capsys.readouterr().err
