@@ -20,7 +20,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from filelock import FileLock, Timeout  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.artifacts import create_link_artifact, create_markdown_artifact  # noqa: E402
 from prefect.deployments.runner import RunnerDeployment  # noqa: E402
 
 from srcore import config, tracking, versioning  # noqa: E402
@@ -63,18 +63,34 @@ def dvc_stage(stage: str, root: str, force: bool) -> list[str]:
 
 
 @task(name="publish metrics")
-def publish(root: str, parent_run_id: str) -> str:
+def publish(root: str, parent_run_id: str, ui_url: str) -> str:
+    """Prefect artifacts for the run page: the metrics table, grids and MLflow links.
+
+    Prefect image artifacts take URLs only, so the grids are linked from the MLflow UI, where
+    the evaluate stage logged them.
+    """
     summary = json.loads((Path(root) / "metrics" / "evaluate.json").read_text())
     markdown = table(summary)
     tracking.log_to_run(parent_run_id, {
         f"{s}/{m}/{k}": v for s, ms in summary.items() for m, vals in ms.items()
         for k, v in vals.items()})
+    runs = tracking.run_links(parent_run_id, ui_url)
+    models = tracking.model_links(["srresnet", "srgan"], ui_url)
+    skipped = [s for s in DVC_STAGES if s not in runs]
+    lines = [f"- [{stage} run]({url})" for stage, url in runs.items()]
+    lines += [f"- {', '.join(skipped)}: up to date, skipped by DVC"] if skipped else []
+    lines += [f"- registered [{name}]({url}): {text}" for name, (text, url) in models.items()]
+    if "evaluate" in runs:
+        lines += [f"- [comparison grid {g.stem}]({runs['evaluate']}/artifacts/grids/{g.name})"
+                  for g in sorted((Path(root) / "reports").glob("grid_*.png"))]
     create_markdown_artifact(
         key="srgan-metrics",
-        markdown=f"# Benchmark (PSNR/SSIM on Y, border crop)\n\n{markdown}\n\n"
-                 f"MLflow parent run: `{parent_run_id}` ({tracking.tracking_uri()})",
-        description="bicubic / SRResNet / SRGAN on every test set",
+        markdown="# Benchmark (Y channel, border crop)\n\n" + markdown
+                 + "\n\n## Runs and models\n\n" + "\n".join(lines) + "\n",
+        description="bicubic / SRResNet / SRGAN on every test set, with MLflow links",
     )
+    create_link_artifact(key="mlflow-run", link=runs["pipeline"],
+                         link_text="MLflow parent run of this pipeline execution")
     return markdown
 
 
@@ -119,7 +135,7 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
             download(params_path, root)
         for stage in DVC_STAGES:
             dvc_stage.with_options(name=f"dvc repro {stage}")(stage, root, stage in force_set)
-        markdown = publish(root, parent_id)
+        markdown = publish(root, parent_id, params.tracking.ui_url)
     print(markdown)
     return markdown
 

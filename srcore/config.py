@@ -78,6 +78,7 @@ class _TrainCommon(_Strict):
     beta1: Beta
     beta2: Beta
     augment: bool
+    sampling: Literal["pixel", "image"]
     log_every: PositiveInt
     val_every: PositiveInt
     checkpoint_every: PositiveInt
@@ -115,6 +116,7 @@ class EvaluateConfig(_Strict):
 class TrackingConfig(_Strict):
     experiment: Annotated[str, Field(min_length=1)]
     register_models: bool
+    ui_url: Annotated[str, Field(pattern=r"^https?://")]
     # Promotion gate (srcore.tracking.gate): the test set it compares on (None = the first of
     # data.test) and SRGAN's metric; SRResNet, trained for MSE, is always gated on psnr_y.
     gate_set: Annotated[str, Field(min_length=1)] | None

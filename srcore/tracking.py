@@ -410,3 +410,30 @@ def compare(names: Sequence[str]) -> pd.DataFrame:
     metric_cols = sorted(c for c in frame.columns if "." in c)
     frame = frame[fixed + metric_cols]
     return frame.sort_values(["model", "version"], ascending=[True, False], ignore_index=True)
+
+
+def run_links(parent_run_id: str, ui_url: str) -> dict[str, str]:
+    """Links to the MLflow UI for the pipeline run and each stage run nested under it."""
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    exp = parent.info.experiment_id
+    base = ui_url.rstrip("/")
+    links = {"pipeline": f"{base}/#/experiments/{exp}/runs/{parent_run_id}"}
+    children = client.search_runs(
+        [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    for run in children:
+        stage = run.data.tags.get("stage", run.info.run_name)
+        links[stage] = f"{base}/#/experiments/{exp}/runs/{run.info.run_id}"
+    return links
+
+
+def model_links(names: Sequence[str], ui_url: str) -> dict[str, tuple[str, str]]:
+    """Registered model -> (aliases as "v2 @champion, v3 @challenger", registry page URL)."""
+    base = ui_url.rstrip("/")
+    out: dict[str, tuple[str, str]] = {}
+    for name in names:
+        held = aliases(name)
+        text = ", ".join(f"v{v} @{a}" for a, v in sorted(held.items())) or "no aliases"
+        out[name] = (text, f"{base}/#/models/{name}")
+    return out

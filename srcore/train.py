@@ -288,7 +288,7 @@ def batches(params: Params, cfg: PretrainConfig | FinetuneConfig, pairs: list[Pa
             start: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of iterations start+1 .. cfg.iterations (item i is iteration i+1's batch)."""
     dataset = RandomCropBatches(pairs, cfg.batch_size, cfg.hr_crop, params.scale,
-                                params.seed, cfg.augment)
+                                params.seed, cfg.augment, cfg.sampling)
     workers = params.runtime.num_workers
     loader = DataLoader(
         dataset, batch_size=None, sampler=range(start, cfg.iterations),

@@ -87,6 +87,14 @@ def test_crops_are_uniform_over_pixels_not_images() -> None:
     n_small = int((lrs == whole).flatten(1).all(1).sum())
     assert 0.15 < n_small / len(lrs) < 0.35
 
+    per_image = RandomCropBatches([small, big], 50, 32, S, seed=0, augment=False,
+                                  sampling="image")
+    assert per_image.weights.tolist() == pytest.approx([0.5, 0.5])
+    lrs = torch.cat([per_image[i][0] for i in range(8)])
+    assert 0.4 < int((lrs == whole).flatten(1).all(1).sum()) / len(lrs) < 0.6
+    with pytest.raises(ValueError, match="sampling"):
+        RandomCropBatches([small, big], 2, 32, S, seed=0, augment=False, sampling="area")
+
 
 def test_errors_name_the_problem() -> None:
     with pytest.raises(ValueError, match="multiple of scale"):

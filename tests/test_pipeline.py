@@ -25,6 +25,22 @@ def prefect_harness() -> Iterator[None]:
         yield
 
 
+def _latest_artifact(key: str) -> str:
+    """The run page's artifact as the Prefect server stores it."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read() -> str:
+        async with get_client() as client:
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            return str(found[-1].data) if found else ""
+
+    return asyncio.run(read())
+
+
 def _mtimes(root: Path) -> dict[str, int]:
     outs = ["models/srresnet.pt", "models/srgan.pt", "metrics/evaluate.json",
             "prepared/manifest.json"]
@@ -65,6 +81,11 @@ def test_flow_end_to_end_and_both_doors_agree(project: Path, tmp_path: Path,
                 if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     assert children == {"download", "prepare", "pretrain", "finetune", "evaluate"}
     assert "sample_test/srgan/psnr_y" in parents[0].data.metrics
+    artifact = _latest_artifact("srgan-metrics")
+    assert "| sample_test | srgan |" in artifact
+    assert f"/runs/{parents[0].info.run_id})" in artifact
+    assert "[evaluate run](" in artifact and "registered [srgan](" in artifact
+    assert "grid_sample_test" in artifact and "v1 @champion" in artifact
 
     # Door 1 -> door 2: nothing left for `dvc repro` to do.
     assert versioning.status(project) == {}

@@ -54,7 +54,7 @@ class RandomCropBatches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """
 
     def __init__(self, pairs: list[Pair], batch_size: int, hr_crop: int, scale: int,
-                 seed: int, augment: bool) -> None:
+                 seed: int, augment: bool, sampling: str = "pixel") -> None:
         if hr_crop % scale:
             raise ValueError(f"hr_crop {hr_crop} is not a multiple of scale {scale}")
         self.lr_crop = hr_crop // scale
@@ -68,8 +68,13 @@ class RandomCropBatches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
                              f"(hr_crop {hr_crop}); lower pretrain.hr_crop or add images")
         self.hr = [to_rgb(p.hr) for p in usable]
         self.lr = [to_rgb(p.lr) for p in usable]
-        areas = np.array([lr.shape[0] * lr.shape[1] for lr in self.lr], dtype=np.float64)
-        self.weights = areas / areas.sum()  # uniform over pixels, not over images
+        if sampling == "pixel":  # every pixel equally likely: big images dominate
+            areas = np.array([lr.shape[0] * lr.shape[1] for lr in self.lr], dtype=np.float64)
+        elif sampling == "image":  # every image equally likely, as BasicSR's loaders do
+            areas = np.ones(len(self.lr))
+        else:
+            raise ValueError(f"sampling must be 'pixel' or 'image', got {sampling!r}")
+        self.weights = areas / areas.sum()
         self.batch_size, self.scale, self.seed, self.augment = batch_size, scale, seed, augment
         self.length = 2**62
 
