@@ -104,6 +104,9 @@ class RuntimeConfig(_Strict):
     compile: bool
     deterministic: bool
     ema_decay: Annotated[float, Field(gt=0, lt=1)] | None
+    # Data-parallel training when launched by torchrun (srcore/distributed.py); the global
+    # batch stays pretrain/finetune.batch_size, split evenly over the processes.
+    distributed: bool
 
 
 class EvaluateConfig(_Strict):

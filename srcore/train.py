@@ -7,6 +7,9 @@ bit for bit, as an uninterrupted one on the same machine and settings.
 
 The step functions are built by `make_pretrain_step` / `make_finetune_step` so that the
 throughput benchmark times exactly the code the stages run.
+
+Under torchrun (runtime.distributed, srcore/distributed.py) the same loop runs in every
+process on its slice of each global batch; rank 0 alone validates, logs and checkpoints.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -29,14 +32,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from srcore import distributed
 from srcore.config import FinetuneConfig, Params, PretrainConfig
 from srcore.data.datasets import Pair, RandomCropBatches, load_pairs
+from srcore.distributed import resolve_device
 from srcore.layout import Layout
 from srcore.losses import ContentLoss, discriminator_loss, generator_adversarial_loss
 from srcore.metrics import psnr_y
 from srcore.models.discriminator import Discriminator
 from srcore.models.srresnet import SRResNet, build_generator, generator_spec
-from srcore.tracking import Tracker
 from srcore.upscale import lr_to_tensor, tensor_to_image
 
 #: One training iteration: (LR batch, HR batch) -> losses as plain floats. Floats, not
@@ -44,6 +48,16 @@ from srcore.upscale import lr_to_tensor, tensor_to_image
 StepFn = Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
 #: Opens the mixed-precision context of a step (default: `autocast(params, device)`).
 AmpContext = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
+class LoopTracker(Protocol):
+    """What the loop logs through: tracking.Tracker, or distributed.NullTracker off rank 0."""
+
+    run_id: str
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+    def log_image(self, image: np.ndarray, name: str) -> None: ...
 
 
 class CheckpointMismatch(ValueError):
@@ -56,14 +70,6 @@ class UnreadableWeights(CheckpointMismatch):
 
 
 # --------------------------------------------------------------------------- runtime helpers
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device is 'cuda' but no CUDA device is visible; use auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def setup_runtime(params: Params) -> torch.device:
@@ -286,9 +292,12 @@ def train_pairs(params: Params, layout: Layout) -> list[Pair]:
 
 def batches(params: Params, cfg: PretrainConfig | FinetuneConfig, pairs: list[Pair],
             start: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of iterations start+1 .. cfg.iterations (item i is iteration i+1's batch)."""
+    """Batches of iterations start+1 .. cfg.iterations (item i is iteration i+1's batch);
+    under a process group, this process's slice of each global batch."""
+    world = distributed.current()
     dataset = RandomCropBatches(pairs, cfg.batch_size, cfg.hr_crop, params.scale,
-                                params.seed, cfg.augment, cfg.sampling)
+                                params.seed, cfg.augment, cfg.sampling,
+                                part=(world.rank, world.size))
     workers = params.runtime.num_workers
     loader = DataLoader(
         dataset, batch_size=None, sampler=range(start, cfg.iterations),
@@ -365,6 +374,9 @@ def make_finetune_step(generator: nn.Module, disc: nn.Module, content: nn.Module
     the same graph (G's weights do not change in between, so this is the same objective as a
     second forward, at two thirds of G's cost). D's weights are frozen while G's loss is
     back-propagated: G only needs dL/dSR, not D's weight gradients.
+
+    Distributed: pass G wrapped by `distributed.data_parallel`; D's gradients are averaged
+    here by hand (two forwards per D update are more than DDP's reducer allows).
     """
     amp = amp or (lambda: autocast(params, device))
 
@@ -378,6 +390,7 @@ def make_finetune_step(generator: nn.Module, disc: nn.Module, content: nn.Module
             loss_real, loss_fake = discriminator_loss(real_logits, fake_logits)
             opt_d.zero_grad(set_to_none=True)
             (loss_real + loss_fake).backward()
+            distributed.average_gradients(disc)  # no-op in one process; D is not DDP-wrapped
             opt_d.step()
         disc.requires_grad_(False)
         try:
@@ -405,30 +418,37 @@ def make_finetune_step(generator: nn.Module, disc: nn.Module, content: nn.Module
 # ------------------------------------------------------------------------------- the loop
 
 
-def _run_loop(stage: str, params: Params, layout: Layout, tracker: Tracker,
+def _run_loop(stage: str, params: Params, layout: Layout, tracker: LoopTracker,
               cfg: PretrainConfig | FinetuneConfig, state: LoopState, generator: nn.Module,
               step_fn: StepFn, device: torch.device,
               init_digest: str | None = None) -> dict[str, float]:
-    """Shared loop: resume, progress bar, logging, validation, checkpoints."""
+    """Shared loop: resume, progress bar, logging, validation, checkpoints.
+
+    Distributed, every process runs it; rank 0 alone reads the checkpoint (and broadcasts
+    it), validates and writes checkpoints, and the losses are averaged over processes.
+    """
+    main = distributed.current().is_main
     ckpt_path = layout.checkpoints / f"{stage}.pt"
     fp = fingerprint(params, stage)
     start = 0
-    ckpt = read_checkpoint(ckpt_path, fp, init_digest)
+    ckpt = distributed.broadcast(read_checkpoint(ckpt_path, fp, init_digest) if main else None)
     if ckpt is not None:
         _restore(state, ckpt, ckpt_path)
         start = int(ckpt["iteration"])
-        _say(f"{stage}: resuming from {ckpt_path} at iteration {start}")
+        if main:
+            _say(f"{stage}: resuming from {ckpt_path} at iteration {start}")
         tracker.log_metrics({f"{stage}/resumed_at": start}, step=start)
         del ckpt  # the optimiser state in it would otherwise live as long as the loop
-    val = validation_pairs(params, layout)
+    val = validation_pairs(params, layout) if main else []
     pairs = train_pairs(params, layout)
     last: dict[str, float] = {}
     first_opt = next(iter(state.optimizers.values()))
     t0 = time.perf_counter()
-    bar = tqdm(total=cfg.iterations, initial=start, desc=stage, unit="it", dynamic_ncols=True)
+    bar = tqdm(total=cfg.iterations, initial=start, desc=stage, unit="it", dynamic_ncols=True,
+               disable=not main)
     it = start
     for it, (lr, hr) in enumerate(batches(params, cfg, pairs, start, device), start=start + 1):
-        losses = step_fn(lr, hr)
+        losses = distributed.average(step_fn(lr, hr))
         for k, v in losses.items():
             state.log_sums[k] = state.log_sums.get(k, 0.0) + v
         state.log_count += 1
@@ -447,14 +467,14 @@ def _run_loop(stage: str, params: Params, layout: Layout, tracker: Tracker,
                 logged["cuda_max_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
             tracker.log_metrics(logged, step=it)
             state.log_sums, state.log_count = {}, 0
-        if it % cfg.val_every == 0 or it == cfg.iterations:
+        if main and (it % cfg.val_every == 0 or it == cfg.iterations):
             net = state.ema.module if state.ema is not None else generator
             score, images = validate(net, val, params, device)
             last["val_psnr_y"] = score
             tracker.log_metrics({f"{stage}/val_psnr_y": score}, step=it)
             for p, img in zip(val, images, strict=True):
                 tracker.log_image(img, f"val/{stage}/{it:07d}_{p.name}.png")
-        if it % cfg.checkpoint_every == 0 and it < cfg.iterations:
+        if main and it % cfg.checkpoint_every == 0 and it < cfg.iterations:
             atomic_save(_snapshot(state, it, fp, tracker.run_id, init_digest), ckpt_path)
     bar.close()
     seconds = time.perf_counter() - t0
@@ -468,9 +488,13 @@ def _run_loop(stage: str, params: Params, layout: Layout, tracker: Tracker,
 
 
 def _final_generator(state: LoopState, generator: nn.Module) -> SRResNet:
-    if state.ema is not None:
-        return _unwrap(state.ema.module)
-    return _unwrap(generator)
+    """The weights to save (EMA when on), with plain BatchNorm layers again."""
+    net = _unwrap(state.ema.module) if state.ema is not None else _unwrap(generator)
+    return distributed.plain_batchnorm(net)  # type: ignore[return-value]
+
+
+def _check_batch(stage: str, cfg: PretrainConfig | FinetuneConfig) -> None:
+    distributed.split_batch(f"{stage}.batch_size", cfg.batch_size, distributed.current())
 
 
 def _ema(params: Params, model: nn.Module) -> torch.optim.swa_utils.AveragedModel | None:
@@ -487,15 +511,23 @@ def _maybe_compile(params: Params, model: nn.Module) -> nn.Module:
     return torch.compile(model) if params.runtime.compile else model
 
 
-def pretrain(params: Params, layout: Layout, tracker: Tracker) -> tuple[SRResNet, dict[str, float]]:
-    """SRResNet with pixel MSE on [-1, 1] targets, Adam(beta1), constant learning rate."""
+def pretrain(params: Params, layout: Layout,
+             tracker: LoopTracker) -> tuple[SRResNet, dict[str, float]]:
+    """SRResNet with pixel MSE on [-1, 1] targets, Adam(beta1), constant learning rate.
+
+    Under a process group: synchronised BN and DDP, so the result is single-process training
+    on the same global batches up to float reduction order.
+    """
     cfg = params.pretrain
+    _check_batch("pretrain", cfg)
     device = setup_runtime(params)
     fmt = memory_format(params)
-    generator = build_generator(params.model, params.scale).to(device, memory_format=fmt)
+    generator = distributed.sync_batchnorm(build_generator(params.model, params.scale), device)
+    generator = generator.to(device, memory_format=fmt)
     opt = make_adam(generator, cfg.lr, (cfg.beta1, cfg.beta2), device)
     state = LoopState({"generator": generator}, {"generator": opt}, ema=_ema(params, generator))
-    step = make_pretrain_step(_maybe_compile(params, generator), opt, params, device)
+    trained = distributed.data_parallel(generator, device)
+    step = make_pretrain_step(_maybe_compile(params, trained), opt, params, device)
     generator.train()
     metrics = _run_loop("pretrain", params, layout, tracker, cfg, state, generator, step, device)
     return _final_generator(state, generator).cpu().eval(), metrics
@@ -516,19 +548,22 @@ def load_initial_generator(params: Params, path: Path) -> SRResNet:
     return generator
 
 
-def finetune(params: Params, layout: Layout, tracker: Tracker,
+def finetune(params: Params, layout: Layout, tracker: LoopTracker,
              vgg_state_dict: dict[str, torch.Tensor] | None = None,
              ) -> tuple[SRResNet, dict[str, float]]:
     """SRGAN: G from SRResNet, content + adv_weight * -log D(G(x)), k D steps per G step,
     Adam(beta1) at lr for the first half and lr_second_half from the midpoint (the paper's
     10^5 + 10^5 iterations at 1e-4 then 1e-5)."""
     cfg = params.finetune
+    _check_batch("finetune", cfg)
     device = setup_runtime(params)
     fmt = memory_format(params)
     init_path = layout.model("srresnet")
-    generator = load_initial_generator(params, init_path).to(device, memory_format=fmt)
+    generator = distributed.sync_batchnorm(load_initial_generator(params, init_path), device)
+    generator = generator.to(device, memory_format=fmt)
     content = ContentLoss(cfg.content_loss, vgg_state_dict).to(device, memory_format=fmt)
-    disc = Discriminator(cfg.hr_crop, cfg.d_channels).to(device, memory_format=fmt)
+    disc = distributed.sync_batchnorm(Discriminator(cfg.hr_crop, cfg.d_channels), device)
+    disc = disc.to(device, memory_format=fmt)
     opt_g = make_adam(generator, cfg.lr, (cfg.beta1, cfg.beta2), device)
     opt_d = make_adam(disc, cfg.lr, (cfg.beta1, cfg.beta2), device)
     gamma = cfg.lr_second_half / cfg.lr
@@ -540,7 +575,8 @@ def finetune(params: Params, layout: Layout, tracker: Tracker,
     state = LoopState({"generator": generator, "discriminator": disc},
                       {"generator": opt_g, "discriminator": opt_d}, scheds,
                       ema=_ema(params, generator))
-    step = make_finetune_step(_maybe_compile(params, generator), disc, content, opt_g, opt_d,
+    trained = distributed.data_parallel(generator, device)
+    step = make_finetune_step(_maybe_compile(params, trained), disc, content, opt_g, opt_d,
                               cfg, params, device)
     generator.train()
     disc.train()

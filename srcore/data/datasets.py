@@ -51,12 +51,24 @@ class RandomCropBatches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     Making a batch a pure function of its iteration number means resuming after a kill sees
     exactly the batches an uninterrupted run would, with any number of loader workers and no
     sampler state to checkpoint. Decoded images are kept in memory (the loader's cache).
+
+    `part` = (rank, world size): item i is then that process's contiguous slice of iteration
+    i's global batch of `batch_size` crops. Every process draws the whole batch's random
+    numbers from the same (seed, i) generator and materialises only its own crops, so the
+    slices of all processes are exactly the single-process batch, in order.
     """
 
     def __init__(self, pairs: list[Pair], batch_size: int, hr_crop: int, scale: int,
-                 seed: int, augment: bool, sampling: str = "pixel") -> None:
+                 seed: int, augment: bool, sampling: str = "pixel",
+                 part: tuple[int, int] = (0, 1)) -> None:
         if hr_crop % scale:
             raise ValueError(f"hr_crop {hr_crop} is not a multiple of scale {scale}")
+        rank, world = part
+        if batch_size % world or not 0 <= rank < world:
+            raise ValueError(f"batch_size {batch_size} does not split into {world} equal "
+                             f"slices (or rank {rank} is outside the world)")
+        self.local = batch_size // world
+        self.first = rank * self.local
         self.lr_crop = hr_crop // scale
         for p in pairs:
             if p.hr.shape[:2] != (p.lr.shape[0] * scale, p.lr.shape[1] * scale):
@@ -84,21 +96,22 @@ class RandomCropBatches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, index])
         c, s = self.lr_crop, self.scale
-        lrs = np.empty((self.batch_size, c, c, 3), np.uint8)
-        hrs = np.empty((self.batch_size, c * s, c * s, 3), np.uint8)
+        lrs = np.empty((self.local, c, c, 3), np.uint8)
+        hrs = np.empty((self.local, c * s, c * s, 3), np.uint8)
         picks = rng.choice(len(self.lr), size=self.batch_size, p=self.weights)
         for b, k in enumerate(picks):
             lr, hr = self.lr[k], self.hr[k]
             y = int(rng.integers(0, lr.shape[0] - c + 1))
             x = int(rng.integers(0, lr.shape[1] - c + 1))
+            flip, rot = (rng.integers(0, 2), int(rng.integers(0, 4))) if self.augment else (0, 0)
+            slot = b - self.first
+            if not 0 <= slot < self.local:
+                continue  # another process's crop: its random numbers are drawn all the same
             lr_crop = lr[y:y + c, x:x + c]
             hr_crop = hr[y * s:(y + c) * s, x * s:(x + c) * s]
-            if self.augment:
-                flip, rot = rng.integers(0, 2), int(rng.integers(0, 4))
-                if flip:
-                    lr_crop, hr_crop = lr_crop[:, ::-1], hr_crop[:, ::-1]
-                lr_crop, hr_crop = np.rot90(lr_crop, rot), np.rot90(hr_crop, rot)
-            lrs[b], hrs[b] = lr_crop, hr_crop
+            if flip:
+                lr_crop, hr_crop = lr_crop[:, ::-1], hr_crop[:, ::-1]
+            lrs[slot], hrs[slot] = np.rot90(lr_crop, rot), np.rot90(hr_crop, rot)
         lr_t = torch.from_numpy(lrs).permute(0, 3, 1, 2).float().div_(255)
         hr_t = torch.from_numpy(hrs).permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
         return lr_t, hr_t
