@@ -109,7 +109,15 @@ def cmd_prepare(params: config.Params, layout: Layout, args: argparse.Namespace)
 
 
 def _train_stage(stage: str, params: config.Params, layout: Layout) -> None:
-    from srcore import tracking, train, versioning
+    """One training stage; under torchrun every process trains, rank 0 alone logs and writes.
+
+    Other ranks get a tracker that does nothing: one MLflow run, one registered version, one
+    set of files, however many processes train. They do not even import mlflow (seconds of
+    CPU that the training processes share).
+    """
+    import contextlib
+
+    from srcore import distributed, train, versioning
 
     if stage == "finetune":
         if not layout.model("srresnet").is_file():
@@ -119,29 +127,45 @@ def _train_stage(stage: str, params: config.Params, layout: Layout) -> None:
             from srcore.models.vgg import load_vgg19_state_dict
 
             vgg = load_vgg19_state_dict()  # fail before any work when weights are missing
-    init_digest = train.file_digest(layout.model("srresnet")) if stage == "finetune" else None
-    ckpt = train.read_checkpoint(layout.checkpoints / f"{stage}.pt",
-                                 train.fingerprint(params, stage), init_digest)
-    resume_id = ckpt["run_id"] if ckpt else None
-    with tracking.stage_run(params.tracking.experiment, stage, resume_id) as tracker:
-        tracker.log_params(config.as_flat_dict(params))
-        if stage == "pretrain":
-            model, metrics = train.pretrain(params, layout, tracker)
-            name = "srresnet"
-        else:
-            model, metrics = train.finetune(params, layout, tracker, vgg)
-            name = "srgan"
-        data_version = versioning.data_version(layout.root)
-        train.save_generator(model, layout.model(name), {"data_version": data_version})
-        tags = {"data_version": data_version, "mlflow_run_id": tracker.run_id,
-                "global_skip": params.model.global_skip, "blocks": params.model.blocks,
-                "channels": params.model.channels, "scale": params.scale}
-        version = tracker.log_generator(model, name, params.tracking.register_models, tags)
-        tracker.log_metrics({f"{stage}/final_{k}": v for k, v in metrics.items()})
-        _write_json(layout.metrics / f"{stage}.json",
-                    {**{k: round(v, 6) for k, v in metrics.items()},
-                     "registered_version": version})
-    (layout.checkpoints / f"{stage}.pt").unlink(missing_ok=True)
+    cfg = params.pretrain if stage == "pretrain" else params.finetune
+    with distributed.session(params.runtime) as world:
+        distributed.split_batch(f"{stage}.batch_size", cfg.batch_size, world)
+        main = world.is_main
+        resume_id = None
+        if main:
+            init_digest = (train.file_digest(layout.model("srresnet")) if stage == "finetune"
+                           else None)
+            ckpt = train.read_checkpoint(layout.checkpoints / f"{stage}.pt",
+                                         train.fingerprint(params, stage), init_digest)
+            resume_id = ckpt["run_id"] if ckpt else None
+        runs: contextlib.AbstractContextManager[Any] = contextlib.nullcontext(
+            distributed.NullTracker())
+        if main:
+            from srcore import tracking
+
+            runs = tracking.stage_run(params.tracking.experiment, stage, resume_id)
+        with runs as tracker:
+            tracker.log_params(config.as_flat_dict(params))
+            tracker.log_params(distributed.run_params(world, cfg.batch_size))
+            if stage == "pretrain":
+                model, metrics = train.pretrain(params, layout, tracker)
+                name = "srresnet"
+            else:
+                model, metrics = train.finetune(params, layout, tracker, vgg)
+                name = "srgan"
+            if not main:
+                return
+            data_version = versioning.data_version(layout.root)
+            train.save_generator(model, layout.model(name), {"data_version": data_version})
+            tags = {"data_version": data_version, "mlflow_run_id": tracker.run_id,
+                    "global_skip": params.model.global_skip, "blocks": params.model.blocks,
+                    "channels": params.model.channels, "scale": params.scale}
+            version = tracker.log_generator(model, name, params.tracking.register_models, tags)
+            tracker.log_metrics({f"{stage}/final_{k}": v for k, v in metrics.items()})
+            _write_json(layout.metrics / f"{stage}.json",
+                        {**{k: round(v, 6) for k, v in metrics.items()},
+                         "registered_version": version})
+        (layout.checkpoints / f"{stage}.pt").unlink(missing_ok=True)
     print(f"{stage}: wrote {layout.model(name)}"
           + (f", registered {name} version {version}" if version else ""))
 
@@ -230,6 +254,48 @@ def cmd_models(args: argparse.Namespace) -> None:
         raise UserError(str(err)) from None
 
 
+def cmd_upscale(args: argparse.Namespace) -> int:
+    """Upscale images with a registered or saved generator; the exit status counts failures.
+
+    Not a pipeline stage: it reads no params.yaml. Bad inputs are reported one by one and the
+    rest still run; the status is min(failures, 100), so 0 means every image was written.
+    """
+    import torch
+
+    from srcore import tracking, train, upscale
+
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file; -o takes a folder for the upscaled images")
+    if args.model.startswith(("models:/", "runs:/")):
+        uri = tracking.tracking_uri()
+        if uri == tracking.DEFAULT_URI and not Path("mlflow.db").is_file():
+            raise UserError(f"{args.model}: no mlflow.db here; run from the project root, set "
+                            "MLFLOW_TRACKING_URI, or pass --model models/srgan.pt")
+        try:
+            model = tracking.load_generator(args.model)
+        except tracking.RegistryError as err:
+            raise UserError(str(err)) from None
+    else:
+        model = train.load_generator_file(Path(args.model))
+    try:
+        device = train.resolve_device(args.device)
+    except RuntimeError as err:
+        raise UserError(f"--device cuda: {err}") from None
+    model = model.to(device).eval()
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    written, failures = upscale.upscale_files(
+        model, args.inputs, out, tile=args.tile, overlap=args.overlap,
+        fmt=args.format, max_pixels=args.max_pixels, device=device,
+        memory_format=memory_format)
+    total = len(written) + len(failures)
+    print(f"srgan upscale: wrote {len(written)} of {total} image(s) to {args.output}"
+          + (f"; {len(failures)} failed: " + ", ".join(f.source for f in failures)
+             if failures else ""))
+    return min(len(failures), 100)
+
+
 def cmd_params_apply(args: argparse.Namespace) -> None:
     params = config.apply_overlay(Path(args.params), Path(args.overlay))
     print(f"{args.params}: applied {args.overlay} (scale {params.scale}, "
@@ -298,7 +364,63 @@ def build_parser() -> argparse.ArgumentParser:
     promote_p.add_argument("version")
     promote_p.add_argument("--reason", required=True,
                            help="why (recorded on the version with who and when)")
+    _add_upscale_parser(sub)
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _add_upscale_parser(sub: Any) -> None:
+    from srcore.serving import (
+        DEFAULT_MAX_PIXELS,
+        DEFAULT_OVERLAP,
+        DEFAULT_TILE,
+        OUTPUT_FORMATS,
+    )
+
+    text = ("Upscale images x4 with a generator from the registry or a .pt file. Inputs are "
+            "files, folders (their images) and globs; each output keeps its input's name. "
+            "Alpha is upscaled bicubically, grey stays grey. A bad input is reported and "
+            "skipped; the exit status is the number of failures (at most 100).")
+    p = sub.add_parser("upscale", help="upscale any images with a trained generator",
+                       description=text)
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image file, folder or glob (PNG, JPEG, WebP, ...)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="folder for the upscaled images (created if missing)")
+    p.add_argument("--model", default="models:/srgan@champion",
+                   help="models:/NAME@ALIAS or models:/NAME/VERSION from the MLflow registry "
+                        "(MLFLOW_TRACKING_URI, else ./mlflow.db), or a .pt file such as "
+                        "models/srgan.pt (default: %(default)s)")
+    p.add_argument("--tile", type=_non_negative, default=DEFAULT_TILE,
+                   help="tile side in input pixels, bounding memory; 0 = whole image "
+                        "(default: %(default)s)")
+    p.add_argument("--overlap", type=_non_negative, default=None,
+                   help=f"context per tile side in input pixels (default: {DEFAULT_OVERLAP}, "
+                        "or the model's receptive radius when smaller; the radius, 40 for 16 "
+                        "blocks, makes tiles bit-exact; 16 leaves a few pixels per megapixel "
+                        "one grey level off, for 26%% less work at tile 256)")
+    p.add_argument("--format", choices=sorted(OUTPUT_FORMATS), default="png",
+                   help="output format (default: %(default)s)")
+    p.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS,
+                   help="refuse inputs with more pixels than this (default: %(default)s = "
+                        "4096x4096)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to run the generator (default: %(default)s)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels_last memory format (default: on)")
 
 
 def run_stage(stage: str, params_path: str | Path = "params.yaml", root: str | Path = ".",
@@ -312,6 +434,8 @@ def run_stage(stage: str, params_path: str | Path = "params.yaml", root: str | P
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "upscale":
+            return cmd_upscale(args)
         if args.command in ("params", "report", "models"):
             {"params": cmd_params_apply, "report": cmd_report, "models": cmd_models}[
                 args.command](args)
@@ -340,6 +464,8 @@ def failure_path(root: Path, command: str) -> Path:
 
 
 def _record_failure(args: argparse.Namespace, message: str | None) -> None:
+    if int(os.environ.get("RANK", "0")):
+        return  # under torchrun only rank 0 reports, as it alone writes outputs
     path = failure_path(Path(args.root).resolve(), args.command)
     try:
         if message is None:

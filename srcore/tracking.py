@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -97,26 +98,27 @@ class Tracker:
 
     def log_generator(self, model: Any, name: str, register: bool,
                       tags: Mapping[str, Any] | None = None) -> str | None:
-        """Log G as a pickled PyTorch model (any input size) and optionally register it.
+        """Log G as a pickled PyTorch model that also serves images, optionally registered.
 
         The default pt2 format would fix batch, height and width to the example's; the pickle
-        format keeps the network fully convolutional. Returns the registered version, if any.
+        format keeps the network fully convolutional, so `mlflow.pytorch.load_model` gives an
+        nn.Module for (N,3,H,W) of any size. Its pyfunc flavor is ours (`_save_generator`):
+        base64 images in, base64 PNGs out, which `mlflow models serve` exposes over HTTP.
+        Returns the registered version, if any.
         """
         import torch
-        from mlflow.models.signature import ModelSignature
-        from mlflow.types.schema import Schema, TensorSpec
 
-        signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
-            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
-        )
         model = model.to("cpu", memory_format=torch.contiguous_format).eval()
         with _active(self.run_id):
-            info = mlflow.pytorch.log_model(
-                model,
+            info = mlflow.models.Model.log(
+                artifact_path=None,  # deprecated in favour of name, but still positional
                 name=name,
-                signature=signature,
+                flavor=SimpleNamespace(save_model=_save_generator),
+                flavor_name="mlflow.pytorch",  # what mlflow.pytorch.log_model records
+                pytorch_model=model,
+                signature=_serving_signature(),
                 serialization_format="pickle",
+                pickle_module=mlflow.pytorch.pickle_module,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "srgan-pipeline"],
                 registered_model_name=name if register else None,
             )
@@ -211,9 +213,13 @@ def log_to_run(run_id: str, metrics: Mapping[str, float]) -> None:
 
 
 def load_generator(uri: str) -> Any:
-    """Load a logged generator (e.g. models:/srgan/1 or models:/srgan@champion)."""
+    """Load a logged generator (e.g. models:/srgan/1 or models:/srgan@champion) on the CPU."""
     mlflow.set_tracking_uri(tracking_uri())
-    return mlflow.pytorch.load_model(uri, map_location="cpu")
+    try:
+        return mlflow.pytorch.load_model(uri, map_location="cpu")
+    except mlflow.exceptions.MlflowException as err:
+        raise RegistryError(f"{uri}: cannot be loaded from {tracking_uri()} ({err.message}); "
+                            "see `srgan models compare`, or set MLFLOW_TRACKING_URI") from None
 
 
 def latest_version(name: str) -> str | None:
@@ -437,3 +443,78 @@ def model_links(names: Sequence[str], ui_url: str) -> dict[str, tuple[str, str]]
         text = ", ".join(f"v{v} @{a}" for a, v in sorted(held.items())) or "no aliases"
         out[name] = (text, f"{base}/#/models/{name}")
     return out
+
+
+# -------------------------------------------------------------------------------- serving
+#
+# A registered generator carries two flavors over one pickled nn.Module: `pytorch` (tensors, for
+# code) and `python_function`, whose loader is this module (images, for `mlflow models serve`).
+# The MLflow model format lets any module with `_load_pyfunc(data_path)` be the pyfunc loader;
+# the server imports it from the installed srgan-pipeline package (`--env-manager local`).
+
+def _serving_signature() -> Any:
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+    from srcore.serving import DEFAULT_TILE, IMAGE_COLUMN
+
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.string, IMAGE_COLUMN)]),
+        outputs=Schema([ColSpec(DataType.string, IMAGE_COLUMN)]),
+        params=ParamSchema([ParamSpec("tile", DataType.long, DEFAULT_TILE)]),
+    )
+
+
+def _save_generator(path: str, mlflow_model: Any, **kwargs: Any) -> None:
+    """mlflow.pytorch.save_model, then point the pyfunc flavor's loader at this module.
+
+    Everything else (the pytorch flavor, data/model.pth, requirements) stays as MLflow wrote
+    it, so `mlflow.pytorch.load_model` is unaffected.
+    """
+    mlflow.pytorch.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
+    mlflow_model.flavors["python_function"]["loader_module"] = __name__
+    mlflow_model.save(os.path.join(path, "MLmodel"))
+
+
+def _load_pyfunc(data_path: str, model_config: Mapping[str, Any] | None = None) -> ImageModel:
+    """The pyfunc loader MLflow calls with the model's data/ folder (see `_save_generator`)."""
+    import torch
+
+    device = (model_config or {}).get("device") or ("cuda" if torch.cuda.is_available()
+                                                   else "cpu")
+    model = mlflow.pytorch.load_model(str(Path(data_path).parent), map_location="cpu")
+    return ImageModel(model.to(device).eval(), device)
+
+
+class ImageModel:
+    """The served generator: a column of base64 images in, a column of base64 PNGs out.
+
+    Each image is upscaled as `srgan upscale` does with its defaults (grey stays grey, alpha is
+    carried through; srcore/serving.py); an unusable image fails the request with HTTP 400.
+    """
+
+    def __init__(self, model: Any, device: str) -> None:
+        self.model, self.device = model, device
+
+    def predict(self, data: Any, params: Mapping[str, Any] | None = None) -> pd.DataFrame:
+        from srcore.data.images import ImageError
+        from srcore.serving import DEFAULT_TILE, IMAGE_COLUMN, upscale_base64
+
+        frame = data if isinstance(data, pd.DataFrame) else pd.DataFrame(data)
+        if IMAGE_COLUMN not in frame.columns:
+            raise _bad_request(f"expected a column {IMAGE_COLUMN!r} of base64 images, got "
+                               f"columns {list(frame.columns)}")
+        tile = int((params or {}).get("tile", DEFAULT_TILE))
+        try:
+            out = [upscale_base64(self.model, text, f"{IMAGE_COLUMN}[{i}]", tile,
+                                  device=self.device)
+                   for i, text in enumerate(frame[IMAGE_COLUMN])]
+        except ImageError as err:
+            raise _bad_request(str(err)) from None
+        return pd.DataFrame({IMAGE_COLUMN: out}, index=frame.index)
+
+
+def _bad_request(message: str) -> Exception:
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return mlflow.exceptions.MlflowException(message, error_code=INVALID_PARAMETER_VALUE)

@@ -1,16 +1,32 @@
-"""Tiled inference equals whole-image inference once tiles carry the receptive field."""
+"""Tiled inference equals whole-image inference once tiles carry the receptive field; `srgan
+upscale` turns files, folders and globs into PNGs and counts the inputs it could not use."""
 
 from __future__ import annotations
 
+import struct
+import zlib
 from collections.abc import Iterator
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from srcore import cli
 from srcore.data.images import list_images, load_image
 from srcore.metrics import psnr_y
 from srcore.models.srresnet import SRResNet
-from srcore.upscale import receptive_radius, upscale_image, upscale_tensor
+from srcore.train import save_generator
+from srcore.upscale import (
+    default_overlap,
+    lr_to_tensor,
+    receptive_radius,
+    tensor_to_image,
+    upscale_alpha,
+    upscale_image,
+    upscale_tensor,
+)
 from tests.conftest import SHARED_DATASETS
 
 
@@ -89,3 +105,136 @@ def test_set14_tiled_and_untiled_agree_within_a_hundredth_of_a_db() -> None:
         gap = abs(psnr_y(tiled, hr) - psnr_y(whole, hr))
         assert gap < 0.01, f"{hr_path.name}: tiled and whole-image PSNR-Y differ by {gap} dB"
     assert tiled_any
+
+
+# ------------------------------------------------------------- uint8 path, files, the CLI
+
+
+def test_uint8_tiles_match_whole_image_within_a_thousandth() -> None:
+    model = _model(blocks=6, channels=8)  # receptive radius 20: the default 16 is not exact
+    assert default_overlap(model) == 16 < receptive_radius(model)
+    rng = np.random.default_rng(3)
+    for lr in (rng.integers(0, 256, (45, 38, 3), dtype=np.uint8),
+               rng.integers(0, 256, (30, 41), dtype=np.uint8)):  # grey: luma out
+        whole = upscale_image(model, lr, 4)
+        assert whole.shape == (4 * lr.shape[0], 4 * lr.shape[1], *lr.shape[2:])
+        tiled = upscale_image(model, lr, 4, tile=12, overlap=default_overlap(model))
+        gap = np.abs(tiled.astype(np.float64) - whole).mean() / 255
+        assert gap < 1e-3, gap
+        # with the full radius only float rounding differs: a .5 flips, one level at most
+        exact = upscale_image(model, lr, 4, tile=12, overlap=receptive_radius(model))
+        assert np.abs(exact.astype(int) - whole).max() <= 1
+        # and the uint8 path is the float path, quantised
+        ref = tensor_to_image(upscale_tensor(model, lr_to_tensor(lr), 4), grey=lr.ndim == 2)
+        np.testing.assert_array_equal(whole, ref)
+    # without context the seams are visible: the check above can fail
+    seams = upscale_image(model, lr, 4, tile=12, overlap=0)
+    assert np.abs(seams.astype(np.float64) - whole).mean() / 255 > 1e-3
+
+
+def _png(width: int, height: int) -> bytes:
+    """A PNG header claiming width x height, with no pixel data (cheap to make, any size)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2,
+                                                              0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_cli_upscales_files_folders_and_globs_and_counts_the_bad_ones(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = _model(blocks=1, channels=8)
+    save_generator(model, tmp_path / "g.pt", {})
+    rng = np.random.default_rng(4)
+    rgb = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    grey = rgb[..., 0]
+    alpha = rng.integers(0, 256, (12, 10), dtype=np.uint8)
+    src, more = tmp_path / "in", tmp_path / "more"
+    src.mkdir()
+    more.mkdir()
+    Image.fromarray(rgb).save(src / "rgb.png")
+    Image.fromarray(grey).save(src / "grey.png")
+    Image.fromarray(np.dstack([rgb, alpha])).save(src / "rgba.png")
+    Image.fromarray(np.dstack([grey, alpha])).save(src / "grey_alpha.png")
+    Image.fromarray(rgb).save(more / "photo.jpg", quality=95)
+    Image.fromarray(rgb).save(more / "web.webp", lossless=True)
+    (src / "notes.txt").write_text("not listed: folders give images only")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "text.png").write_text("not an image")
+    full = (src / "rgb.png").read_bytes()
+    (bad / "torn.png").write_bytes(full[: len(full) // 2])
+    (bad / "empty.png").write_bytes(_png(0, 0))
+    (bad / "huge.png").write_bytes(_png(3000, 2000))  # 6 MP header, over --max-pixels
+    inputs = [str(src), str(more / "*.jpg"), str(more / "web.webp"), str(src / "rgb.png"),
+              *(str(bad / n) for n in ("text.png", "torn.png", "empty.png", "huge.png")),
+              str(tmp_path / "missing.png")]
+    out = tmp_path / "out"
+    code = cli.main(["upscale", *inputs, "-o", str(out), "--model", str(tmp_path / "g.pt"),
+                     "--tile", "4", "--max-pixels", "1000000"])
+    captured = capsys.readouterr()
+    assert code == 5, captured
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["grey.png", "grey_alpha.png", "photo.png", "rgb.png", "rgba.png",
+                       "web.png"]
+    expect = upscale_image(model, rgb, 4)
+    opened = {name: Image.open(out / name) for name in written}
+    assert {n: im.mode for n, im in opened.items()} == {
+        "grey.png": "L", "grey_alpha.png": "LA", "photo.png": "RGB", "rgb.png": "RGB",
+        "rgba.png": "RGBA", "web.png": "RGB"}
+    assert all(im.size == (40, 48) for im in opened.values())
+    np.testing.assert_array_equal(np.asarray(opened["rgb.png"]), expect)
+    np.testing.assert_array_equal(np.asarray(opened["web.png"]), expect)  # lossless WebP in
+    rgba = np.asarray(opened["rgba.png"])
+    np.testing.assert_array_equal(rgba[..., :3], expect)
+    np.testing.assert_array_equal(rgba[..., 3], upscale_alpha(alpha, 4))
+    grey_alpha = np.asarray(opened["grey_alpha.png"])
+    np.testing.assert_array_equal(grey_alpha[..., 0], np.asarray(opened["grey.png"]))
+    np.testing.assert_array_equal(grey_alpha[..., 1], upscale_alpha(alpha, 4))
+    errors = captured.err
+    assert "Traceback" not in errors
+    for name, why in (("text.png", "cannot be decoded"), ("torn.png", "truncated"),
+                      ("empty.png", "cannot be decoded"), ("huge.png", "over the limit"),
+                      ("missing.png", "no such file")):
+        line = next(ln for ln in errors.splitlines() if name in ln)
+        assert why in line, line
+    summary = captured.out.strip().splitlines()[-1]
+    assert summary.startswith("srgan upscale: wrote 6 of 11 image(s)") and "5 failed" in summary
+
+
+def test_pillow_bomb_guard_stays_on_and_outputs_never_clobber(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    save_generator(_model(blocks=1, channels=4), tmp_path / "g.pt", {})
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "bomb.png").write_bytes(_png(20000, 20000))  # 400 MP: Pillow refuses
+    rgb = np.zeros((6, 5, 3), np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    Image.fromarray(rgb).save(tmp_path / "sub" / "a.jpg")
+    Image.fromarray(rgb).save(tmp_path / "sub" / "a.webp")
+    code = cli.main(["upscale", str(tmp_path / "sub" / "bomb.png"), str(tmp_path / "a.png"),
+                     str(tmp_path / "sub" / "a.jpg"), str(tmp_path / "sub" / "a.webp"),
+                     "-o", str(tmp_path), "--model", str(tmp_path / "g.pt"),
+                     "--max-pixels", str(10**9)])
+    err = capsys.readouterr().err
+    assert code == 4, err
+    assert "decompression bomb" in err
+    # a.png, sub/a.jpg and sub/a.webp all map to ./a.png, which is an input itself
+    assert err.count("would overwrite an input") == 3
+    assert Image.open(tmp_path / "a.png").size == (5, 6)  # the input is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "g.pt", "sub"]
+
+
+def test_cli_upscale_says_what_to_fix_for_a_missing_model(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cli.main(["upscale", "x.png", "-o", "out"]) == 2  # models:/srgan@champion
+    assert "no mlflow.db here" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists()  # no empty store made as a side effect
+    assert cli.main(["upscale", "x.png", "-o", "out", "--model", "nope.pt"]) == 2
+    assert "nope.pt: missing" in capsys.readouterr().err
+    (tmp_path / "taken").write_text("")
+    assert cli.main(["upscale", "x.png", "-o", "taken", "--model", "nope.pt"]) == 2
+    assert "-o takes a folder" in capsys.readouterr().err
