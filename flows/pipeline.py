@@ -2,7 +2,8 @@
 
 The four DVC stages run through DVC itself (srcore.versioning.reproduce), so a stage finished by
 `dvc repro` is skipped here and vice versa; Prefect adds retries, schedules, the UI and
-artifacts. `python -m flows.pipeline run` is the main job; `... serve` registers a deployment.
+artifacts. `python -m flows.pipeline run` is the main job; `... serve` serves a scheduled
+deployment; `prefect.yaml` at the repo root deploys the same flow to a `process` work pool.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, Literal, get_args
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -25,23 +27,45 @@ from prefect.deployments.runner import RunnerDeployment  # noqa: E402
 
 from srcore import config, tracking, versioning  # noqa: E402
 from srcore.cli import failure_path, run_stage  # noqa: E402
-from srcore.evaluate import table  # noqa: E402
+from srcore.data.download import DownloadError  # noqa: E402
+from srcore.report import table  # noqa: E402
 
 DVC_STAGES = versioning.STAGES
+#: The stages `force` accepts; a Literal so the Prefect UI offers them as a multi-select.
+Stage = Literal["prepare", "pretrain", "finetune", "evaluate"]
+assert get_args(Stage) == DVC_STAGES, "flows.pipeline.Stage must list versioning.STAGES"
+
+#: Exceptions a later attempt can fix: the network, not the user's params or files.
+TRANSIENT = (DownloadError, ConnectionError, TimeoutError)
 
 
 class StageFailed(RuntimeError):
     """A pipeline stage failed; the message says which and why (shown in the Prefect UI)."""
 
 
-@task(name="download datasets", retries=2, retry_delay_seconds=10)
+def retry_only_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: a missing folder or a bad archive fails the same way twice,
+    so only network errors earn the task-level retries (the download itself already retried
+    with a few seconds of backoff; these come 30 s and 2 min later, for longer outages)."""
+    return isinstance(state.data, TRANSIENT)
+
+
+@task(name="download datasets", retries=2, retry_delay_seconds=[30, 120],
+      retry_condition_fn=retry_only_transient)
 def download(params_path: str, root: str) -> None:
-    """Downloads are the one stage where a retry can help (flaky network)."""
-    run_stage("download", params_path, root)
+    """Downloads are the one stage where a retry can help (flaky network): network errors
+    keep their type so the retry condition sees them; anything else names the stage."""
+    try:
+        run_stage("download", params_path, root)
+    except TRANSIENT:
+        raise
+    except Exception as err:  # noqa: BLE001 - the cause stays chained in the task's log
+        raise StageFailed(f"stage 'download' failed: {err}") from err
 
 
 @task(name="dvc stage")
 def dvc_stage(stage: str, root: str, force: bool) -> list[str]:
+    """No retries: a stage fails the same way on the same inputs; DVC keeps what it had."""
     logger = get_run_logger()
     started = time.perf_counter()
     try:
@@ -62,6 +86,28 @@ def dvc_stage(stage: str, root: str, force: bool) -> list[str]:
     return ran
 
 
+def _version_lines(root: Path, ui_url: str) -> list[str]:
+    """Which registered version each models/*.pt is, its registry page and the gate's verdict,
+    so the run page answers "did this run change the champion?"."""
+    models = tracking.model_links(["srresnet", "srgan"], ui_url)
+    frame = tracking.compare(list(models))
+    lines = []
+    for stage, name in (("pretrain", "srresnet"), ("finetune", "srgan")):
+        text, url = models[name]
+        line = f"- registered [{name}]({url}): {text}"
+        path = root / "metrics" / f"{stage}.json"
+        version = json.loads(path.read_text()).get("registered_version") if path.is_file() \
+            else None
+        if version is not None:
+            rows = frame[(frame["model"] == name) & (frame["version"] == int(version))] \
+                if not frame.empty else frame
+            gate = rows["gate_decision"].iloc[0] if len(rows) else ""
+            line += (f"; models/{name}.pt is [v{version}]({url}/versions/{version})"
+                     + (f", gate: {gate}" if gate else ""))
+        lines.append(line)
+    return lines
+
+
 @task(name="publish metrics")
 def publish(root: str, parent_run_id: str, ui_url: str) -> str:
     """Prefect artifacts for the run page: the metrics table, grids and MLflow links.
@@ -75,11 +121,10 @@ def publish(root: str, parent_run_id: str, ui_url: str) -> str:
         f"{s}/{m}/{k}": v for s, ms in summary.items() for m, vals in ms.items()
         for k, v in vals.items()})
     runs = tracking.run_links(parent_run_id, ui_url)
-    models = tracking.model_links(["srresnet", "srgan"], ui_url)
     skipped = [s for s in DVC_STAGES if s not in runs]
     lines = [f"- [{stage} run]({url})" for stage, url in runs.items()]
     lines += [f"- {', '.join(skipped)}: up to date, skipped by DVC"] if skipped else []
-    lines += [f"- registered [{name}]({url}): {text}" for name, (text, url) in models.items()]
+    lines += _version_lines(Path(root), ui_url)
     if "evaluate" in runs:
         lines += [f"- [comparison grid {g.stem}]({runs['evaluate']}/artifacts/grids/{g.name})"
                   for g in sorted((Path(root) / "reports").glob("grid_*.png"))]
@@ -100,8 +145,9 @@ class WorkspaceBusy(RuntimeError):
 
 @contextlib.contextmanager
 def workspace_lock(root: Path, timeout_s: float) -> Iterator[None]:
-    """One pipeline run per workspace: two runs writing data/, prepared/ and models/ at once
-    would corrupt each other. The second waits up to timeout_s, then stops clearly."""
+    """One pipeline run per workspace: two runs writing params.yaml, data/, prepared/ and
+    models/ at once would corrupt each other. The second waits up to timeout_s, then stops
+    clearly."""
     lock_path = root / ".srgan.lock"
     lock = FileLock(lock_path)
     try:
@@ -117,25 +163,61 @@ def workspace_lock(root: Path, timeout_s: float) -> Iterator[None]:
         lock.release()
 
 
+@contextlib.contextmanager
+def tracking_store(root: Path) -> Iterator[None]:
+    """Pin MLflow to root's store for this run when MLFLOW_TRACKING_URI is unset.
+
+    The default store is relative to the working directory: a deployment started in one
+    directory with `root` edited to another in the UI would put the parent run in one
+    mlflow.db and the stage runs (which DVC starts in root) in another.
+    """
+    if "MLFLOW_TRACKING_URI" in os.environ:
+        yield
+        return
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    try:
+        yield
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @flow(name="srgan-pipeline", log_prints=True)
 def pipeline(params_path: str = "params.yaml", root: str = ".",
-             force: list[str] | None = None, skip_download: bool = False,
-             lock_timeout_s: float = 0.0) -> str:
-    """The whole product: every stage, each skipped by DVC when its inputs are unchanged."""
-    root = str(Path(root).resolve())
-    params_path = str((Path(root) / params_path).resolve())
-    params = config.load(params_path)  # fail before any work on a bad params.yaml
+             force: list[Stage] | None = None, overlay: str | None = None,
+             skip_download: bool = False, lock_timeout_s: float = 0.0) -> str:
+    """The whole product: every stage, each skipped by DVC when its inputs are unchanged.
+
+    Args:
+        params_path: params file, relative to root.
+        root: project directory (holds dvc.yaml, data/, models/).
+        force: stages to recompute even when DVC finds them up to date.
+        overlay: YAML overlay (e.g. configs/paper.yaml, relative to root) merged into
+            params_path before the run, so DVC sees the change; it stays merged afterwards.
+        skip_download: reuse data/ as it is (no download, no `dvc add`).
+        lock_timeout_s: how long to wait for another run on the same root to finish.
+    """
+    root_path = Path(root).resolve()
+    params_file = (root_path / params_path).resolve()
+    params = config.load(params_file)  # fail before any work on a bad params.yaml
     force_set = set(force or [])
     unknown = force_set - set(DVC_STAGES)
     if unknown:
         raise ValueError(f"force: unknown stage(s) {sorted(unknown)}; choose from {DVC_STAGES}")
-    with workspace_lock(Path(root), lock_timeout_s), \
-            tracking.pipeline_run(params.tracking.experiment) as parent_id:
-        if not skip_download:
-            download(params_path, root)
-        for stage in DVC_STAGES:
-            dvc_stage.with_options(name=f"dvc repro {stage}")(stage, root, stage in force_set)
-        markdown = publish(root, parent_id, params.tracking.ui_url)
+    with workspace_lock(root_path, lock_timeout_s), tracking_store(root_path):
+        if overlay:
+            overlay_file = root_path / overlay
+            if not overlay_file.is_file():
+                raise config.ConfigError(f"overlay {overlay_file}: no such file")
+            # Inside the lock: params.yaml is an input of every stage of a concurrent run.
+            params = config.apply_overlay(params_file, overlay_file)
+            print(f"applied overlay {overlay} to {params_file.name}")
+        with tracking.pipeline_run(params.tracking.experiment) as parent_id:
+            if not skip_download:
+                download(str(params_file), str(root_path))
+            for stage in DVC_STAGES:
+                dvc_stage.with_options(name=f"dvc repro {stage}")(
+                    stage, str(root_path), stage in force_set)
+            markdown = publish(str(root_path), parent_id, params.tracking.ui_url)
     print(markdown)
     return markdown
 
@@ -149,31 +231,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--params", default="params.yaml")
         p.add_argument("--force", nargs="*", default=[], choices=DVC_STAGES,
                        help="stages to recompute even when DVC finds them up to date")
+        p.add_argument("--overlay", default=None,
+                       help="YAML overlay merged into params.yaml before the run "
+                            "(e.g. configs/paper.yaml)")
     serve_p.add_argument("--cron", default="0 3 * * *", help="schedule (default: nightly 03:00)")
     serve_p.add_argument("--name", default="nightly")
     args = parser.parse_args(argv)
     if args.command == "run":
         try:
-            pipeline(params_path=args.params, root=".", force=args.force)
-        except (config.ConfigError, versioning.VersioningError, StageFailed,
-                WorkspaceBusy) as err:
+            pipeline(params_path=args.params, root=".", force=args.force, overlay=args.overlay)
+        except (config.ConfigError, versioning.VersioningError, StageFailed, WorkspaceBusy,
+                *TRANSIENT) as err:
             print(f"srgan pipeline: error: {err}", file=sys.stderr)
             return 2
         return 0
     from prefect import serve
 
     # pause_on_shutdown=False: stopping this process must not pause the nightly schedule.
-    serve(deployment(args.name, args.cron, args.params, str(Path.cwd()), args.force),
+    serve(deployment(args.name, args.cron, args.params, str(Path.cwd()), args.force,
+                     args.overlay),
           pause_on_shutdown=False)
     return 0
 
 
 def deployment(name: str, cron: str, params_path: str, root: str,
-               force: list[str] | None = None) -> RunnerDeployment:
+               force: list[str] | None = None, overlay: str | None = None) -> RunnerDeployment:
     """The scheduled deployment; its parameters stay editable in the Prefect UI."""
     return pipeline.to_deployment(
         name=name, cron=cron,
-        parameters={"params_path": params_path, "root": root, "force": force or []},
+        parameters={"params_path": params_path, "root": root, "force": force or [],
+                    "overlay": overlay},
         description="Retrain and evaluate SRResNet/SRGAN; DVC skips unchanged stages.",
         tags=["srgan"],
     )

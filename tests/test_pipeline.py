@@ -1,122 +1,50 @@
-"""The Prefect flow end to end at tiny size: real Prefect harness, SQLite MLflow, DVC repo.
+"""The Prefect flow in this process against the session's real Prefect server (started by
+tests/test_schedule.py's `prefect_api`): deployment registration, the workspace lock, the
+download retry policy and overlays.
 
-Architecture rule 1 is checked both ways: after the flow `dvc status` is clean, and after
-`dvc repro` the flow recomputes nothing.
+The end-to-end run (every stage, MLflow runs, registry gate, run-page artifacts and architecture
+rule 1 both ways) is tests/test_schedule.py's scenario, which runs the same flow through its
+deployments: a full run costs most of a minute, so it happens once.
 """
 
 from __future__ import annotations
 
-import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
+import yaml
 
-from srcore import tracking, versioning
-
-
-@pytest.fixture(scope="module")
-def prefect_harness() -> Iterator[None]:
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
+from srcore import versioning
+from tests.conftest import tiny_params_dict, write_params
+from tests.test_schedule import prefect_api  # noqa: F401 - the session's real server
 
 
-def _latest_artifact(key: str) -> str:
-    """The run page's artifact as the Prefect server stores it."""
+def _task_runs(flow_run_id: object) -> dict[str, object]:
+    """Task runs of one flow run by name (without Prefect's numeric suffix)."""
     import asyncio
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    async def read() -> str:
+    async def read() -> list[object]:
         async with get_client() as client:
-            found = await client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-            return str(found[-1].data) if found else ""
+            return await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
-    return asyncio.run(read())
-
-
-def _mtimes(root: Path) -> dict[str, int]:
-    outs = ["models/srresnet.pt", "models/srgan.pt", "metrics/evaluate.json",
-            "prepared/manifest.json"]
-    return {o: (root / o).stat().st_mtime_ns for o in outs}
+    return {t.name.rsplit("-", 1)[0]: t for t in asyncio.run(read())}
 
 
-@pytest.mark.slow
-def test_flow_end_to_end_and_both_doors_agree(project: Path, tmp_path: Path,
-                                              prefect_harness: None) -> None:
-    from flows.pipeline import pipeline
-
-    subprocess.run(["dvc", "remote", "add", "-f", "-d", "local", str(tmp_path / "remote")],
-                   cwd=project, check=True, capture_output=True)
-    markdown = pipeline(params_path="params.yaml", root=str(project))
-
-    summary = json.loads((project / "metrics" / "evaluate.json").read_text())
-    assert set(summary["sample_test"]) == {"bicubic", "srresnet", "srgan"}
-    assert set(summary["sample_test"]["srgan"]) == {"psnr_y", "ssim_y", "ssim_daala_y"}
-    assert "| sample_test | srresnet |" in markdown
-    assert (project / "reports" / "grid_sample_test.png").is_file()
-    assert (project / "plots" / "evaluate.csv").read_text().startswith("set,image,method")
-    assert (project / "data.dvc").is_file() and (tmp_path / "remote").is_dir()
-
-    client = MlflowClient()
-    for name in ("srresnet", "srgan"):
-        versions = client.search_model_versions(f"name = '{name}'")
-        assert [str(v.version) for v in versions] == ["1"]
-        assert versions[0].tags["data_version"] == versioning.data_version(project)
-        # The evaluate stage tagged the version with its numbers and ran the gate.
-        assert float(versions[0].tags["metric.sample_test.psnr_y"]) == pytest.approx(
-            summary["sample_test"][name]["psnr_y"])
-        assert versions[0].tags["gate_decision"] == "promoted"
-        assert tracking.aliases(name) == {"champion": "1", "challenger": "1"}
-    runs = client.search_runs(client.get_experiment_by_name("srgan-pipeline").experiment_id)
-    parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
-    assert len(parents) == 1
-    children = {r.data.tags["stage"] for r in runs
-                if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert children == {"download", "prepare", "pretrain", "finetune", "evaluate"}
-    assert "sample_test/srgan/psnr_y" in parents[0].data.metrics
-    artifact = _latest_artifact("srgan-metrics")
-    assert "| sample_test | srgan |" in artifact
-    assert f"/runs/{parents[0].info.run_id})" in artifact
-    assert "[evaluate run](" in artifact and "registered [srgan](" in artifact
-    assert "grid_sample_test" in artifact and "v1 @champion" in artifact
-
-    # Door 1 -> door 2: nothing left for `dvc repro` to do.
-    assert versioning.status(project) == {}
-    before = _mtimes(project)
-    out = subprocess.run(["dvc", "repro"], cwd=project, check=True, capture_output=True,
-                         text=True).stdout
-    assert "Running stage" not in out
-    assert _mtimes(project) == before
-
-    # Door 2 -> door 1: a change made through `dvc repro` is not recomputed by the flow.
-    params = (project / "params.yaml").read_text().replace("grid_images: 1", "grid_images: 2")
-    (project / "params.yaml").write_text(params)
-    out = subprocess.run(["dvc", "repro"], cwd=project, check=True, capture_output=True,
-                         text=True).stdout
-    assert "Running stage 'evaluate'" in out and "Running stage 'pretrain'" not in out
-    after_repro = _mtimes(project)
-    pipeline(params_path="params.yaml", root=str(project), skip_download=True)
-    assert _mtimes(project) == after_repro
-    assert versioning.status(project) == {}
-    assert len(client.search_model_versions("name = 'srgan'")) == 1
-
-
-def test_serve_entry_registers_a_scheduled_deployment(prefect_harness: None,
-                                                      tmp_path: Path) -> None:
+@pytest.mark.usefixtures("prefect_api")
+def test_serve_entry_registers_a_scheduled_deployment(tmp_path: Path) -> None:
     import asyncio
 
     from prefect.client.orchestration import get_client
 
     from flows.pipeline import deployment
 
-    deployment_id = deployment("nightly", "0 3 * * *", "params.yaml", str(tmp_path),
+    # Not "nightly": the session's server also holds test_schedule.py's served deployment.
+    deployment_id = deployment("entry-check", "0 3 * * *", "params.yaml", str(tmp_path),
                                ["evaluate"]).apply()
 
     async def read() -> object:
@@ -124,14 +52,18 @@ def test_serve_entry_registers_a_scheduled_deployment(prefect_harness: None,
             return await client.read_deployment(deployment_id)
 
     registered = asyncio.run(read())
-    assert registered.name == "nightly"
+    assert registered.name == "entry-check"
     assert [s.schedule.cron for s in registered.schedules] == ["0 3 * * *"]
     assert registered.parameters == {"params_path": "params.yaml", "root": str(tmp_path),
-                                     "force": ["evaluate"]}
+                                     "force": ["evaluate"], "overlay": None}
+    # `force` offers exactly the DVC stages, so the UI shows a choice, not free text.
+    schema = registered.parameter_openapi_schema["properties"]
+    assert schema["force"]["anyOf"][0]["items"]["enum"] == list(versioning.STAGES)
+    assert "overlay" in schema
 
 
-def test_second_run_on_a_busy_workspace_stops_clearly(tmp_path: Path,
-                                                      prefect_harness: None) -> None:
+@pytest.mark.usefixtures("prefect_api")
+def test_second_run_on_a_busy_workspace_stops_clearly(tmp_path: Path) -> None:
     import sys
     import time
 
@@ -153,10 +85,62 @@ def test_second_run_on_a_busy_workspace_stops_clearly(tmp_path: Path,
         assert 0.4 < time.perf_counter() - start < 5  # it waited, then stopped
         params = tmp_path / "params.yaml"
         params.write_text((Path(__file__).parents[1] / "params.yaml").read_text())
+        (tmp_path / "paper.yaml").write_text("pretrain: {iterations: 7}\n")
         with pytest.raises(WorkspaceBusy):
-            pipeline(params_path="params.yaml", root=str(tmp_path))
+            pipeline(params_path="params.yaml", root=str(tmp_path), overlay="paper.yaml")
+        # The overlay is applied under the lock: the busy run left params.yaml alone.
+        assert params.read_text() == (Path(__file__).parents[1] / "params.yaml").read_text()
     finally:
         holder.kill()
         holder.wait()
     with workspace_lock(tmp_path, timeout_s=0):  # free again once the holder is gone
         pass
+
+
+def test_only_network_errors_earn_download_retries() -> None:
+    from prefect.states import Failed
+
+    from flows.pipeline import StageFailed, download, retry_only_transient
+    from srcore.data.download import DownloadError
+
+    assert download.retries == 2 and download.retry_condition_fn is retry_only_transient
+    assert retry_only_transient(None, None, Failed(data=DownloadError("giving up on http://x")))
+    assert retry_only_transient(None, None, Failed(data=TimeoutError("read timed out")))
+    assert not retry_only_transient(
+        None, None, Failed(data=StageFailed("stage 'download' failed: no such folder")))
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_missing_data_source_fails_once_and_names_the_stage(project: Path,
+                                                              tmp_path: Path) -> None:
+    import time
+
+    from flows.pipeline import pipeline
+
+    write_params(project / "params.yaml", tiny_params_dict(
+        data={"train": [{"name": "mine", "url": str(tmp_path / "nowhere")}]}))
+    started = time.perf_counter()
+    state = pipeline(params_path="params.yaml", root=str(project), return_state=True)
+    assert state.is_failed()
+    # What the Prefect UI shows for the run: the stage, the dataset and the path.
+    assert "stage 'download' failed: dataset 'mine'" in state.message
+    assert f"{tmp_path / 'nowhere'} does not exist" in state.message
+    tasks = _task_runs(state.state_details.flow_run_id)
+    assert tasks["download datasets"].state.is_failed()
+    assert tasks["download datasets"].run_count == 1  # not retried: a retry cannot help
+    assert not any(name.startswith("dvc repro") for name in tasks)
+    assert time.perf_counter() - started < 25  # a retry would first wait 30 s
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_refused_overlay_stops_before_any_work(project: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.pipeline import main
+
+    (project / "typo.yaml").write_text(yaml.safe_dump({"pretrain": {"iterationz": 10}}))
+    before = (project / "params.yaml").read_text()
+    assert main(["run", "--overlay", "typo.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "srgan pipeline: error:" in err and "key 'pretrain.iterationz'" in err
+    assert (project / "params.yaml").read_text() == before
+    assert not (project / "data").exists()
