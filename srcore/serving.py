@@ -30,9 +30,13 @@ IMAGE_COLUMN = "image"
 
 
 def upscale_base64(model: Any, text: str, name: str, tile: int = DEFAULT_TILE,
-                   overlap: int | None = None, device: str = "cpu") -> str:
+                   overlap: int | None = None, device: str = "cpu",
+                   memory_format: Any = None) -> str:
     """One base64 image (PNG, JPEG, WebP, ...) in, the base64 PNG `srgan upscale` would write
-    out. Raises ImageError, naming `name`, for anything that is not a usable image."""
+    out. Raises ImageError, naming `name`, for anything that is not a usable image.
+    `memory_format` is the model's (torch.channels_last or, when None, contiguous)."""
+    import torch
+
     from srcore.data.images import ImageError
     from srcore.upscale import (
         decode_image,
@@ -48,5 +52,6 @@ def upscale_base64(model: Any, text: str, name: str, tile: int = DEFAULT_TILE,
         raise ImageError(f"{name}: not base64 ({err})") from None
     picture = decode_image(raw, DEFAULT_MAX_PIXELS, name=name)
     overlap = default_overlap(model) if overlap is None else overlap
-    image = upscale_picture(model, picture, model_scale(model), tile, overlap, device)
+    image = upscale_picture(model, picture, model_scale(model), tile, overlap, device,
+                            memory_format or torch.contiguous_format)
     return base64.b64encode(encode_image(image)).decode("ascii")

@@ -483,7 +483,9 @@ def _load_pyfunc(data_path: str, model_config: Mapping[str, Any] | None = None) 
     device = (model_config or {}).get("device") or ("cuda" if torch.cuda.is_available()
                                                    else "cpu")
     model = mlflow.pytorch.load_model(str(Path(data_path).parent), map_location="cpu")
-    return ImageModel(model.to(device).eval(), device)
+    # channels_last, as `srgan upscale`: 25-35% faster on CPU (benchmarks/upscale.py)
+    model = model.to(device, memory_format=torch.channels_last).eval()
+    return ImageModel(model, device, torch.channels_last)
 
 
 class ImageModel:
@@ -493,8 +495,8 @@ class ImageModel:
     carried through; srcore/serving.py); an unusable image fails the request with HTTP 400.
     """
 
-    def __init__(self, model: Any, device: str) -> None:
-        self.model, self.device = model, device
+    def __init__(self, model: Any, device: str, memory_format: Any = None) -> None:
+        self.model, self.device, self.memory_format = model, device, memory_format
 
     def predict(self, data: Any, params: Mapping[str, Any] | None = None) -> pd.DataFrame:
         from srcore.data.images import ImageError
@@ -507,7 +509,7 @@ class ImageModel:
         tile = int((params or {}).get("tile", DEFAULT_TILE))
         try:
             out = [upscale_base64(self.model, text, f"{IMAGE_COLUMN}[{i}]", tile,
-                                  device=self.device)
+                                  device=self.device, memory_format=self.memory_format)
                    for i, text in enumerate(frame[IMAGE_COLUMN])]
         except ImageError as err:
             raise _bad_request(str(err)) from None

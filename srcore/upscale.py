@@ -361,9 +361,9 @@ def upscale_files(model: nn.Module, inputs: Sequence[str], out_dir: Path, *,
     """Upscale every input image into out_dir/<input stem>.<fmt>; one bad file never stops the
     rest. Returns (written, failures); each failure also goes to `report` as it happens.
 
-    `overlap` None means `default_overlap(model)`. Two inputs
-    that would write the same output, or an output that would overwrite an input, fail.
-    `progress` None shows the bar only on a terminal.
+    `overlap` None means `default_overlap(model)`. Two inputs that would write the same
+    output, or an output that would overwrite an input, fail. `progress` None shows the bar
+    only on a terminal.
     """
     if fmt not in OUTPUT_FORMATS:
         raise ValueError(f"format must be one of {sorted(OUTPUT_FORMATS)}, got {fmt!r}")
