@@ -78,6 +78,19 @@ def make_images(folder: Path, count: int, size: tuple[int, int] = (64, 48), seed
     return paths
 
 
+def make_prepared_sets(root: Path) -> Path:
+    """root/prepared/{tr,te}/{HR,LR}: smooth random images and their MATLAB-bicubic x4 LR."""
+    from srcore.data.degrade import bicubic_lr
+    from srcore.data.images import load_image, save_png
+
+    for name, count, size, seed in (("tr", 3, (64, 64), 0), ("te", 1, (48, 40), 1)):
+        for path in make_images(root / "raw" / name, count, size=size, seed=seed):
+            hr = load_image(path)
+            save_png(hr, root / "prepared" / name / "HR" / path.name)
+            save_png(bicubic_lr(hr, 4), root / "prepared" / name / "LR" / path.name)
+    return root / "prepared"
+
+
 @pytest.fixture(scope="session")
 def mlflow_template() -> Path:
     """Creating a SQLite store costs ~1 s of migrations: do it once, copy it per test."""

@@ -30,10 +30,8 @@ from mlflow.tracking import MlflowClient
 
 from srcore import config, distributed, train
 from srcore.data.datasets import Pair, RandomCropBatches
-from srcore.data.degrade import bicubic_lr
-from srcore.data.images import load_image, save_png
 from srcore.layout import Layout
-from tests.conftest import make_images, tiny_params_dict, write_params
+from tests.conftest import make_prepared_sets, tiny_params_dict, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 REL_TO_UPDATE, NOISE_ATOL = 1e-3, 5e-5
@@ -109,13 +107,7 @@ def _one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("ddp-prepared")
-    for name, count, size, seed in (("tr", 3, (64, 64), 0), ("te", 1, (48, 40), 1)):
-        for path in make_images(root / "raw" / name, count, size=size, seed=seed):
-            hr = load_image(path)
-            save_png(hr, root / "prepared" / name / "HR" / path.name)
-            save_png(bicubic_lr(hr, 4), root / "prepared" / name / "LR" / path.name)
-    return root / "prepared"
+    return make_prepared_sets(tmp_path_factory.mktemp("ddp-prepared"))
 
 
 def _raw(distributed_on: bool) -> dict[str, Any]:

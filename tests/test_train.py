@@ -26,13 +26,11 @@ import torch
 from torch import nn
 
 from srcore import config, train
-from srcore.data.degrade import bicubic_lr
-from srcore.data.images import load_image, save_png
 from srcore.layout import Layout
 from srcore.losses import ContentLoss
 from srcore.models.discriminator import Discriminator
 from srcore.models.srresnet import SRResNet, build_generator
-from tests.conftest import make_images, tiny_params_dict, write_params
+from tests.conftest import make_prepared_sets, tiny_params_dict, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,13 +48,7 @@ def _one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def prepared_sets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """prepared/{tr,te}/{HR,LR}: smooth random images and their MATLAB-bicubic x4 LR."""
-    root = tmp_path_factory.mktemp("prepared-src")
-    for name, count, size, seed in (("tr", 3, (64, 64), 0), ("te", 1, (48, 40), 1)):
-        for path in make_images(root / "raw" / name, count, size=size, seed=seed):
-            hr = load_image(path)
-            save_png(hr, root / "prepared" / name / "HR" / path.name)
-            save_png(bicubic_lr(hr, 4), root / "prepared" / name / "LR" / path.name)
-    return root / "prepared"
+    return make_prepared_sets(tmp_path_factory.mktemp("prepared-src"))
 
 
 def _params(**sections: Any) -> dict[str, Any]:
