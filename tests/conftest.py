@@ -6,11 +6,15 @@ isolated from the developer's own stores and quiet (no telemetry, no analytics).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -141,3 +145,109 @@ def project(tmp_path: Path, mlflow_store: str, monkeypatch: pytest.MonkeyPatch) 
     write_params(root / "params.yaml", tiny_params_dict())
     monkeypatch.chdir(root)
     return root
+
+
+# ------------------------------------------------------------------ local servers on 127.0.0.1
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def wait_for_http(url: str, proc: subprocess.Popen[Any], log: Path, timeout_s: float) -> None:
+    """Block until `url` answers 200; fail with the server's log if it exits or times out,
+    so a server that cannot start says why instead of hanging the suite."""
+    deadline = time.monotonic() + timeout_s
+    while not http_ok(url):
+        if proc.poll() is not None:
+            pytest.fail(f"{url}: the server exited with {proc.returncode}:\n{log.read_text()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{url}: no answer after {timeout_s:.0f} s:\n{log.read_text()}")
+        time.sleep(0.2)
+
+
+def stop_process(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM (a server's clean shutdown), SIGKILL after 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def local_prefect_server(home: Path, startup_s: float = 90) -> Iterator[str]:
+    """`prefect server start` on 127.0.0.1 with its own home and SQLite database; yields the
+    API URL once /api/health answers, and stops the server afterwards.
+
+    The scheduler service is off so that runs happen only when a test triggers them (a cron
+    falling due mid-test would start a second run); schedules are still stored and checked.
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PREFECT_HOME": str(home),
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
+           "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+           "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env.pop("PREFECT_API_URL", None)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    log = home / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+             str(port), "--no-ui"], env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_for_http(f"{url}/health", proc, log, startup_s)
+            yield url
+        finally:
+            stop_process(proc)
+
+
+def _drain_prefect_workers() -> None:
+    """Flush the run logs and events this process still holds, as prefect_test_harness does.
+
+    `drain_all` touches only workers that exist: creating one here would look for an API in
+    the global settings, find none and start an ephemeral server (~15 s).
+    """
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain() -> None:
+        for worker in (APILogWorker, EventsWorker):
+            pending = worker.drain_all()
+            if inspect.isawaitable(pending):
+                await pending
+
+    run_coro_as_sync(drain())
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real Prefect server for the whole session (test_schedule, test_pipeline); in-process
+    clients reach it through the settings."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(local_prefect_server(tmp_path_factory.mktemp("prefect-server")))
+        # Runs last-in first-out: logs and events reach the server before it stops, or the
+        # interpreter's exit would spend a minute retrying to send them.
+        stack.callback(_drain_prefect_workers)
+        stack.enter_context(temporary_settings({PREFECT_API_URL: url}))
+        yield url

@@ -1,5 +1,5 @@
 """The Prefect flow in this process against the session's real Prefect server (started by
-tests/test_schedule.py's `prefect_api`): deployment registration, the workspace lock, the
+conftest's `prefect_api`): deployment registration, the workspace lock, the
 download retry policy and overlays.
 
 The end-to-end run (every stage, MLflow runs, registry gate, run-page artifacts and architecture
@@ -17,7 +17,6 @@ import yaml
 
 from srcore import versioning
 from tests.conftest import tiny_params_dict, write_params
-from tests.test_schedule import prefect_api  # noqa: F401 - the session's real server
 
 
 def _task_runs(flow_run_id: object) -> dict[str, object]:

@@ -1,6 +1,6 @@
 """Scheduled retraining against a real Prefect server, the way an operator leaves it running.
 
-`prefect server start` on 127.0.0.1 (once per session, shared with test_pipeline.py); the
+`prefect server start` on 127.0.0.1 (conftest's session fixture); the
 deployment is served by `python -m flows.pipeline serve` in a subprocess and also deployed
 from prefect.yaml to a `process` work pool polled by `prefect worker start`, exactly the
 README's commands. Runs are triggered through the API and timed from their Prefect states.
@@ -17,11 +17,9 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,118 +27,12 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import REPO, make_images, tiny_params_dict, write_params
+from tests.conftest import BIN, REPO, make_images, stop_process, tiny_params_dict, write_params
 
-BIN = Path(sys.executable).parent
 FLOW = "srgan-pipeline"
 SERVED = "nightly"  # what `python -m flows.pipeline serve` registers
 POOLED = "nightly-pool"  # what prefect.yaml deploys
 POOL = "srgan-process"
-#: Lets the second test module that asks for a server reuse the first one's: fixture
-#: definitions are per module, the environment is per process.
-SHARED_API = "SRGAN_TEST_PREFECT_API_URL"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def local_prefect_server(home: Path, startup_s: float = 90) -> Iterator[str]:
-    """`prefect server start` on 127.0.0.1 with its own home and SQLite database; yields the
-    API URL once /api/health answers, and stops the server afterwards.
-
-    The scheduler service is off so that runs happen only when a test triggers them (a cron
-    falling due mid-test would start a second run); schedules are still stored and checked.
-    """
-    home.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PREFECT_HOME": str(home),
-           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
-           "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
-           "PREFECT_LOGGING_LEVEL": "WARNING"}
-    env.pop("PREFECT_API_URL", None)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    with (home / "server.log").open("w") as log:
-        proc = subprocess.Popen(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-             str(port), "--no-ui"], env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + startup_s
-            while not _healthy(url):
-                if proc.poll() is not None:
-                    raise RuntimeError("prefect server exited:\n"
-                                       + (home / "server.log").read_text())
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"prefect server not healthy after {startup_s} s")
-                time.sleep(0.25)
-            yield url
-        finally:
-            _stop(proc)
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-@pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One real Prefect server per session; in-process clients reach it through the settings.
-
-    test_pipeline.py imports this fixture; whichever module asks first starts the server.
-    """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with contextlib.ExitStack() as stack:
-        url = os.environ.get(SHARED_API)
-        if url is None:
-            url = stack.enter_context(
-                local_prefect_server(tmp_path_factory.mktemp("prefect-server")))
-            os.environ[SHARED_API] = url
-            stack.callback(os.environ.pop, SHARED_API, None)
-            # Runs last-in first-out: logs and events reach the server before it stops, or
-            # the interpreter's exit would spend a minute retrying to send them.
-            stack.callback(_drain_prefect_workers)
-        stack.enter_context(temporary_settings({PREFECT_API_URL: url}))
-        yield url
-
-
-def _drain_prefect_workers() -> None:
-    """Flush the run logs and events this process still holds, as prefect_test_harness does.
-
-    `drain_all` touches only workers that exist: creating one here would look for an API in
-    the global settings, find none and start an ephemeral server (~15 s).
-    """
-    import inspect
-
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-    from prefect.utilities.asyncutils import run_coro_as_sync
-
-    async def drain() -> None:
-        for worker in (APILogWorker, EventsWorker):
-            pending = worker.drain_all()
-            if inspect.isawaitable(pending):
-                await pending
-
-    run_coro_as_sync(drain())
-
 
 def _api(call: Any) -> Any:
     """Run `call(client)` against the session's server (the settings point at it)."""
@@ -173,7 +65,7 @@ def background(cmd: list[str], cwd: Path, env: dict[str, str],
         try:
             yield proc
         finally:
-            _stop(proc)
+            stop_process(proc)
 
 
 def _wait_for_deployment(name: str, procs: list[subprocess.Popen[bytes]], logs: list[Path],

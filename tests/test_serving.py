@@ -8,10 +8,8 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -26,6 +24,7 @@ from PIL import Image
 from srcore import cli, tracking
 from srcore.models.srresnet import SRResNet
 from srcore.upscale import upscale_alpha, upscale_image
+from tests.conftest import free_port, wait_for_http
 from tests.test_upscale import assert_same_pixels
 
 
@@ -79,12 +78,6 @@ def test_pyfunc_takes_and_returns_base64_pngs(champion: SRResNet, tmp_path: Path
                                   _png_array(out["image"][0])[1])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, payload: dict[str, object]) -> tuple[int, dict[str, object]]:
     request = urllib.request.Request(url, json.dumps(payload).encode(),
                                      {"Content-Type": "application/json"})
@@ -97,7 +90,7 @@ def _post(url: str, payload: dict[str, object]) -> tuple[int, dict[str, object]]
 
 def test_mlflow_models_serve_answers_a_png_with_the_upscaled_png(
         champion: SRResNet, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "serve.log").open("w")
     # The store's URI is in MLFLOW_TRACKING_URI (mlflow_store), so models:/ resolves there.
     server = subprocess.Popen(
@@ -106,17 +99,7 @@ def test_mlflow_models_serve_answers_a_png_with_the_upscaled_png(
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=1) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-            time.sleep(0.2)
+        wait_for_http(f"{base}/ping", server, tmp_path / "serve.log", 60)
         rgb = np.random.default_rng(1).integers(0, 256, (10, 12, 3), dtype=np.uint8)
         status, answer = _post(f"{base}/invocations", {
             "dataframe_split": {"columns": ["image"], "data": [[_b64_png(rgb)]]}})

@@ -6,11 +6,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,13 +21,7 @@ from mlflow.tracking import MlflowClient
 from srcore import cli, tracking, train
 from srcore.data.degrade import bicubic_lr
 from srcore.data.images import load_image, save_png
-from tests.conftest import make_images, tiny_params_dict, write_params
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.conftest import free_port, make_images, tiny_params_dict, wait_for_http, write_params
 
 
 @pytest.fixture
@@ -41,7 +33,7 @@ def server(tmp_path: Path, mlflow_template: Path) -> Iterator[tuple[str, Path]]:
     store = tmp_path / "server"
     store.mkdir()
     shutil.copyfile(mlflow_template, store / "mlflow.db")
-    port = _free_port()
+    port = free_port()
     log = (store / "server.log").open("w")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner
     proc = subprocess.Popen(
@@ -51,17 +43,7 @@ def server(tmp_path: Path, mlflow_template: Path) -> Iterator[tuple[str, Path]]:
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not come up:\n{(store / 'server.log').read_text()}")
-            time.sleep(0.2)
+        wait_for_http(f"{uri}/health", proc, store / "server.log", 120)
         yield uri, store / "artifacts"
     finally:
         if proc.poll() is None:
