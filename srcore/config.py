@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
 Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
@@ -79,13 +80,14 @@ class _TrainCommon(_Strict):
     beta2: Beta
     augment: bool
     sampling: Literal["pixel", "image"]
+    min_crop_std: NonNegFloat  # redraw HR crops flatter than this (0-255 scale); 0 = off
     log_every: PositiveInt
     val_every: PositiveInt
     checkpoint_every: PositiveInt
 
 
 class PretrainConfig(_TrainCommon):
-    pass
+    lr_schedule: Literal["constant", "cosine"]
 
 
 class FinetuneConfig(_TrainCommon):

@@ -96,6 +96,26 @@ def test_crops_are_uniform_over_pixels_not_images() -> None:
         RandomCropBatches([small, big], 2, 32, S, seed=0, augment=False, sampling="area")
 
 
+def test_flat_crops_are_redrawn_when_asked() -> None:
+    """Half the image is one grey level: without min_std about half the crops are flat."""
+    rng = np.random.default_rng(5)
+    lr = np.full((16, 32, 3), 128, np.uint8)
+    lr[:, 16:] = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    pair = Pair("half", np.repeat(np.repeat(lr, S, axis=0), S, axis=1), lr)
+
+    def flat_share(data: RandomCropBatches) -> float:
+        hrs = torch.cat([data[i][1] for i in range(10)])  # 200 crops of 8x8 LR
+        return float((hrs.flatten(1).std(1) * 127.5 < 8).float().mean())
+
+    assert 0.2 < flat_share(RandomCropBatches([pair], 20, 32, S, seed=0, augment=False)) < 0.8
+    redrawn = RandomCropBatches([pair], 20, 32, S, seed=0, augment=False, min_std=8.0)
+    assert flat_share(redrawn) == 0.0
+    # still a pure function of (seed, iteration), and aligned
+    assert all(torch.equal(a, b) for a, b in zip(redrawn[3], redrawn[3], strict=True))
+    lr_u, hr_u = _to_uint8(*redrawn[3])
+    assert np.array_equal(np.repeat(np.repeat(lr_u, S, axis=1), S, axis=2), hr_u)
+
+
 def test_errors_name_the_problem() -> None:
     with pytest.raises(ValueError, match="multiple of scale"):
         RandomCropBatches(PAIRS, 2, 18, S, 0, False)

@@ -7,6 +7,7 @@ import ast
 import copy
 import gc
 import os
+import math
 import random
 import re
 import shutil
@@ -238,6 +239,30 @@ def test_interrupted_finetune_with_ema_resumes_exactly(
     assert ckpt["iteration"] == 8
     assert not torch.equal(ckpt["model.generator"]["tail.weight"],
                            ckpt["ema"]["module.tail.weight"])
+
+
+def test_cosine_pretrain_anneals_to_zero_and_resumes_on_the_curve(
+        tmp_path: Path, prepared_sets: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = _params(pretrain={"iterations": 10, "checkpoint_every": 4, "log_every": 1,
+                            "val_every": 10, "lr": 1e-3, "lr_schedule": "cosine"})
+    params, straight = _project(tmp_path / "a", prepared_sets, raw)
+    _, resumed = _project(tmp_path / "b", prepared_sets, raw)
+    want_tracker = FakeTracker()
+    want, _ = train.pretrain(params, straight, want_tracker)
+    lrs = want_tracker.metrics["pretrain/lr"]
+    # iteration i runs at lr * (1 + cos(pi * (i - 1) / N)) / 2: lr first, near 0 last
+    assert lrs == pytest.approx({i: 1e-3 * (1 + math.cos(math.pi * (i - 1) / 10)) / 2
+                                 for i in range(1, 11)})
+
+    with monkeypatch.context() as m:
+        _interrupt_after(m, "make_pretrain_step", 6)  # last checkpoint at 4
+        with pytest.raises(KeyboardInterrupt):
+            train.pretrain(params, resumed, FakeTracker())
+    tracker = FakeTracker()
+    got, _ = train.pretrain(params, resumed, tracker)
+    assert tracker.metrics["pretrain/resumed_at"] == {4: 4.0}
+    assert tracker.metrics["pretrain/lr"] == {i: lrs[i] for i in range(5, 11)}
+    _assert_same_weights(want, got)
 
 
 # --------------------------------------------------------------------- refusing weights

@@ -56,11 +56,18 @@ class RandomCropBatches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     i's global batch of `batch_size` crops. Every process draws the whole batch's random
     numbers from the same (seed, i) generator and materialises only its own crops, so the
     slices of all processes are exactly the single-process batch, in order.
+
+    `min_std` > 0 redraws (up to `REDRAWS` times) a crop whose HR pixels have a standard
+    deviation below it, on the 0-255 scale: black borders, night sky and flat walls teach an
+    SR network nothing and, in a short run, take steps from the crops that do. Every process
+    sees every candidate's pixels, so the redraws stay the same in all of them.
     """
+
+    REDRAWS = 10
 
     def __init__(self, pairs: list[Pair], batch_size: int, hr_crop: int, scale: int,
                  seed: int, augment: bool, sampling: str = "pixel",
-                 part: tuple[int, int] = (0, 1)) -> None:
+                 part: tuple[int, int] = (0, 1), min_std: float = 0.0) -> None:
         if hr_crop % scale:
             raise ValueError(f"hr_crop {hr_crop} is not a multiple of scale {scale}")
         rank, world = part
@@ -88,10 +95,25 @@ class RandomCropBatches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             raise ValueError(f"sampling must be 'pixel' or 'image', got {sampling!r}")
         self.weights = areas / areas.sum()
         self.batch_size, self.scale, self.seed, self.augment = batch_size, scale, seed, augment
+        self.min_std = min_std
         self.length = 2**62
 
     def __len__(self) -> int:
         return self.length
+
+    def _place(self, rng: np.random.Generator, k: int) -> tuple[int, int, int]:
+        """(image, y, x) of one crop in LR pixels; redraws flat crops when min_std is set."""
+        c, s = self.lr_crop, self.scale
+        for attempt in range(self.REDRAWS + 1):
+            if attempt:
+                k = int(rng.choice(len(self.lr), p=self.weights))
+            lr = self.lr[k]
+            y = int(rng.integers(0, lr.shape[0] - c + 1))
+            x = int(rng.integers(0, lr.shape[1] - c + 1))
+            if not self.min_std or self.hr[k][y * s:(y + c) * s, x * s:(x + c) * s].std() \
+                    >= self.min_std:
+                break
+        return k, y, x
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, index])
@@ -100,9 +122,8 @@ class RandomCropBatches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         hrs = np.empty((self.local, c * s, c * s, 3), np.uint8)
         picks = rng.choice(len(self.lr), size=self.batch_size, p=self.weights)
         for b, k in enumerate(picks):
+            k, y, x = self._place(rng, int(k))
             lr, hr = self.lr[k], self.hr[k]
-            y = int(rng.integers(0, lr.shape[0] - c + 1))
-            x = int(rng.integers(0, lr.shape[1] - c + 1))
             flip, rot = (rng.integers(0, 2), int(rng.integers(0, 4))) if self.augment else (0, 0)
             slot = b - self.first
             if not 0 <= slot < self.local:
