@@ -6,8 +6,8 @@ from __future__ import annotations
 import ast
 import copy
 import gc
-import os
 import math
+import os
 import random
 import re
 import shutil
