@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +41,19 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = Path(
     os.environ.get("SRGAN_SHARED_DATASETS", REPO.parent / "shared" / "datasets")
 )
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread, and two cores are shared with other work.
+    Restores the thread count and the deterministic-algorithms flag a test may set."""
+    import torch
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
 
 
 def tiny_params_dict(**sections: dict[str, Any]) -> dict[str, Any]:
@@ -178,13 +192,25 @@ def wait_for_http(url: str, proc: subprocess.Popen[Any], log: Path, timeout_s: f
         time.sleep(0.2)
 
 
-def stop_process(proc: subprocess.Popen[Any]) -> None:
-    """SIGTERM (a server's clean shutdown), SIGKILL after 30 s."""
-    proc.terminate()
+def stop_process(proc: subprocess.Popen[Any], *, group: bool = False,
+                 timeout_s: float = 30) -> None:
+    """SIGTERM (a server's clean shutdown), SIGKILL after `timeout_s`. `group`: signal the
+    process group of a server started with start_new_session, e.g. an mlflow CLI and the
+    uvicorn it started."""
+    if proc.poll() is not None:
+        return
+
+    def send(sig: int) -> None:
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+
+    send(signal.SIGTERM)
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        send(signal.SIGKILL)
         proc.wait()
 
 

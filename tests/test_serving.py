@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import signal
 import subprocess
 import sys
 import urllib.error
@@ -24,7 +22,7 @@ from PIL import Image
 from srcore import cli, tracking
 from srcore.models.srresnet import SRResNet
 from srcore.upscale import upscale_alpha, upscale_image
-from tests.conftest import free_port, wait_for_http
+from tests.conftest import free_port, stop_process, wait_for_http
 from tests.test_upscale import assert_same_pixels
 
 
@@ -111,10 +109,5 @@ def test_mlflow_models_serve_answers_a_png_with_the_upscaled_png(
             "dataframe_records": [{"image": base64.b64encode(b"GIF89a?").decode()}]})
         assert status == 400 and "cannot be decoded" in str(answer["message"])
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and the uvicorn it started
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_process(server, group=True, timeout_s=15)  # the server and its uvicorn
         log.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,9 +18,14 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from srcore import cli, tracking, train
-from srcore.data.degrade import bicubic_lr
-from srcore.data.images import load_image, save_png
-from tests.conftest import free_port, make_images, tiny_params_dict, wait_for_http, write_params
+from tests.conftest import (
+    free_port,
+    make_prepared_sets,
+    stop_process,
+    tiny_params_dict,
+    wait_for_http,
+    write_params,
+)
 
 
 @pytest.fixture
@@ -46,22 +50,12 @@ def server(tmp_path: Path, mlflow_template: Path) -> Iterator[tuple[str, Path]]:
         wait_for_http(f"{uri}/health", proc, store / "server.log", 120)
         yield uri, store / "artifacts"
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the CLI and its uvicorn worker
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process(proc, group=True, timeout_s=20)  # the CLI and its uvicorn worker
         log.close()
 
 
 def _project(root: Path) -> Path:
-    for name, count, size in (("tr", 3, (64, 64)), ("te", 1, (48, 40))):
-        for path in make_images(root / "raw" / name, count, size=size):
-            hr = load_image(path)
-            save_png(hr, root / "prepared" / name / "HR" / path.name)
-            save_png(bicubic_lr(hr, 4), root / "prepared" / name / "LR" / path.name)
+    make_prepared_sets(root)
     return write_params(root / "params.yaml",
                         tiny_params_dict(data={"train": ["tr"], "test": ["te"]}))
 

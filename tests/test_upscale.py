@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +28,7 @@ from srcore.upscale import (
 )
 from tests.conftest import SHARED_DATASETS
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """On 2 shared cores, 2 intra-op threads spin against other processes: 1 is faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(blocks: int, channels: int, seed: int = 0) -> SRResNet:
