@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -37,23 +44,53 @@ class DatasetSpec(_Strict):
     sha256: str | None = None
 
 
+#: The three kinds of data, never mixed: train is trained on, val chooses (in-training
+#: validation, checkpoints, the registry gate, any tuning), test is only reported.
+SPLITS = ("train", "val", "test")
+
+
 class DataConfig(_Strict):
     train: Annotated[list[DatasetSpec], Field(min_length=1)]
+    val: Annotated[list[DatasetSpec], Field(min_length=1)]
     test: Annotated[list[DatasetSpec], Field(min_length=1)]
 
-    @field_validator("train", "test", mode="before")
+    @field_validator("train", "val", "test", mode="before")
     @classmethod
     def _names_to_specs(cls, value: Any) -> Any:
         if isinstance(value, list):
             return [{"name": v} if isinstance(v, str) else v for v in value]
         return value
 
+    @model_validator(mode="after")
+    def _splits_are_disjoint(self) -> DataConfig:
+        """A set named twice would be trained on and then chosen or reported on: refused."""
+        seen: dict[str, str] = {}
+        for split in SPLITS:
+            for spec in getattr(self, split):
+                if spec.name in seen:
+                    where = (f"twice in data.{split}" if seen[spec.name] == split
+                             else f"in both data.{seen[spec.name]} and data.{split}")
+                    raise ValueError(f"dataset '{spec.name}' is named {where}; a set belongs "
+                                     "to one of train, val and test")
+                seen[spec.name] = split
+        return self
+
     @property
     def all_sets(self) -> list[DatasetSpec]:
-        seen: dict[str, DatasetSpec] = {}
-        for spec in [*self.train, *self.test]:
-            seen.setdefault(spec.name, spec)
-        return list(seen.values())
+        """Every configured set once: train, then val, then test."""
+        return [*self.train, *self.val, *self.test]
+
+    @property
+    def scored_sets(self) -> list[DatasetSpec]:
+        """What evaluation scores: val (the gate reads it) and test (only reported)."""
+        return [*self.val, *self.test]
+
+    def split_of(self, name: str) -> str:
+        """'train', 'val' or 'test' for a configured set name."""
+        for split in SPLITS:
+            if any(spec.name == name for spec in getattr(self, split)):
+                return split
+        raise KeyError(name)
 
 
 class DownloadConfig(_Strict):
@@ -97,6 +134,14 @@ class FinetuneConfig(_TrainCommon):
     d_steps: PositiveInt
     d_channels: PositiveInt
 
+    @field_validator("hr_crop")
+    @classmethod
+    def _crop_fits_discriminator(cls, value: int) -> int:
+        if value % 16:
+            raise ValueError(f"{value} is not a multiple of 16, which the discriminator's four "
+                             "stride-2 layers need")
+        return value
+
 
 class RuntimeConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"]
@@ -122,15 +167,17 @@ class TrackingConfig(_Strict):
     experiment: Annotated[str, Field(min_length=1)]
     register_models: bool
     ui_url: Annotated[str, Field(pattern=r"^https?://")]
-    # Promotion gate (srcore.tracking.gate): the test set it compares on (None = the first of
-    # data.test) and SRGAN's metric; SRResNet, trained for MSE, is always gated on psnr_y.
+    # Promotion gate (srcore.tracking.gate): the validation set it compares on (None = the
+    # first of data.val; never a test set) and SRGAN's metric; SRResNet, trained for MSE, is
+    # always gated on psnr_y.
     gate_set: Annotated[str, Field(min_length=1)] | None
     gate_metric_srgan: Literal["psnr_y", "ssim_y", "ssim_daala_y"]
 
 
 class Params(_Strict):
     seed: NonNegInt
-    scale: Literal[2, 3, 4, 8]
+    # SRResNet upsamples with x2 sub-pixel blocks, so only powers of two can be trained.
+    scale: Literal[2, 4, 8]
     data: DataConfig
     download: DownloadConfig
     prepare: PrepareConfig
@@ -149,6 +196,17 @@ class Params(_Strict):
             raise ValueError(f"hr_crop={value.hr_crop} is not a multiple of scale={scale}")
         return value
 
+    @field_validator("tracking")
+    @classmethod
+    def _gate_set_is_a_val_set(cls, value: TrackingConfig, info: Any) -> TrackingConfig:
+        data = info.data.get("data")
+        if data is not None and value.gate_set is not None:
+            names = [s.name for s in data.val]
+            if value.gate_set not in names:
+                raise ValueError(f"gate_set '{value.gate_set}' is not one of the validation "
+                                 f"sets {names} (data.val); the gate never reads a test set")
+        return value
+
 
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
@@ -159,7 +217,10 @@ def _format_error(err: ValidationError, source: str) -> str:
     elif kind == "extra_forbidden":
         what = "is not a known key (typo?)"
     else:
-        what = f"is invalid: {first['msg']} (got {first.get('input')!r})"
+        got = first.get("input")
+        # A rule about a whole section explains itself; echoing the section would bury it.
+        shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+        what = f"is invalid: {first['msg'].removeprefix('Value error, ')}{shown}"
     more = f" (+{err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
     return f"{source}: key '{key}' {what}{more}"
 

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 from tqdm import tqdm
 
-from srcore.config import ConfigError, Params
+from srcore.config import Params
 from srcore.data.datasets import Pair, load_pairs
 from srcore.data.degrade import imresize
 from srcore.data.images import save_png, to_rgb
@@ -101,15 +101,11 @@ def bicubic_upscale(lr: np.ndarray, scale: int) -> np.ndarray:
 
 
 def gate_set(params: Params) -> str:
-    """The test set the registry's promotion gate compares on (tracking.gate_set)."""
-    names = [s.name for s in params.data.test]
-    chosen = params.tracking.gate_set
-    if chosen is None:
-        return names[0]
-    if chosen not in names:
-        raise ConfigError(f"params.yaml: key 'tracking.gate_set' is '{chosen}', not one of the "
-                          f"test sets {names} (data.test); pick one, or null for the first")
-    return chosen
+    """The validation set the registry's promotion gate compares on (tracking.gate_set).
+
+    config.py already refuses a gate_set outside data.val, so this only resolves the default.
+    """
+    return params.tracking.gate_set or params.data.val[0].name
 
 
 def warn_if_overlap_short(generators: dict[str, nn.Module], params: Params) -> None:
@@ -251,7 +247,8 @@ def _exact_fp32() -> Iterator[None]:
 
 def evaluate(params: Params, prepared: Path, generators: dict[str, nn.Module],
              metrics_path: Path, plot_path: Path, reports: Path) -> tuple[dict, list[Path]]:
-    """Score every test set; write metrics JSON, per-image CSV and one grid PNG per set."""
+    """Score every validation and test set; write metrics JSON, per-image CSV and one grid PNG
+    per set. Validation sets are scored because the registry gate reads them."""
     from srcore.train import resolve_device
 
     device = resolve_device(params.runtime.device)
@@ -260,7 +257,7 @@ def evaluate(params: Params, prepared: Path, generators: dict[str, nn.Module],
     frames, grids = [], []
     keep = params.evaluate.grid_images
     with torch.inference_mode(), _exact_fp32():
-        for spec in params.data.test:
+        for spec in params.data.scored_sets:
             pairs = load_pairs(prepared, spec.name, params.scale)
             frame, images = score_set(pairs, generators, params, spec.name, keep, device)
             frames.append(frame)

@@ -312,8 +312,9 @@ def batches(params: Params, cfg: PretrainConfig | FinetuneConfig, pairs: list[Pa
 
 def validation_pairs(params: Params, layout: Layout, limit: int = 3,
                      max_lr: int = 96) -> list[Pair]:
-    """A few centre-cropped held-out images: cheap enough to score every val_every steps."""
-    pairs = load_pairs(layout.prepared, params.data.test[0].name, params.scale)[:limit]
+    """A few centre-cropped validation images (data.val, never a test set): cheap enough to
+    score every val_every steps."""
+    pairs = load_pairs(layout.prepared, params.data.val[0].name, params.scale)[:limit]
     out = []
     for p in pairs:
         h, w = p.lr.shape[:2]

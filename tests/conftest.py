@@ -97,11 +97,13 @@ def make_images(folder: Path, count: int, size: tuple[int, int] = (64, 48), seed
 
 
 def make_prepared_sets(root: Path) -> Path:
-    """root/prepared/{tr,te}/{HR,LR}: smooth random images and their MATLAB-bicubic x4 LR."""
+    """root/prepared/{tr,va,te}/{HR,LR} (train, val, test): smooth random images and their
+    MATLAB-bicubic x4 LR."""
     from srcore.data.degrade import bicubic_lr
     from srcore.data.images import load_image, save_png
 
-    for name, count, size, seed in (("tr", 3, (64, 64), 0), ("te", 1, (48, 40), 1)):
+    for name, count, size, seed in (("tr", 3, (64, 64), 0), ("va", 1, (48, 40), 2),
+                                    ("te", 1, (48, 40), 1)):
         for path in make_images(root / "raw" / name, count, size=size, seed=seed):
             hr = load_image(path)
             save_png(hr, root / "prepared" / name / "HR" / path.name)

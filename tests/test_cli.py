@@ -13,9 +13,10 @@ from tests.conftest import make_images, tiny_params_dict, write_params
 
 
 def _project(tmp_path: Path, **sections: object) -> Path:
-    params = tiny_params_dict(data={"train": ["a"], "test": ["b"]}, **sections)
+    params = tiny_params_dict(data={"train": ["a"], "val": ["v"], "test": ["b"]}, **sections)
     write_params(tmp_path / "params.yaml", params)
     make_images(tmp_path / "data" / "a", 3, size=(64, 64))
+    make_images(tmp_path / "data" / "v", 1, size=(48, 48), seed=2)
     make_images(tmp_path / "data" / "b", 1, size=(48, 48), seed=1)
     return tmp_path
 
@@ -29,6 +30,7 @@ def _main(root: Path, *args: str) -> int:
     [
         ({"pretrain": {"lr": -1.0}}, "pretrain.lr"),
         ({"scale": 5}, "'scale'"),
+        ({"scale": 3}, "'scale'"),  # SRResNet's x2 sub-pixel blocks cannot make x3
     ],
 )
 def test_bad_params_stop_before_any_work(tmp_path: Path, capsys, edit, needle) -> None:

@@ -85,7 +85,42 @@ def test_apply_overlay_merges_validates_and_keeps_comments(tmp_path: Path) -> No
 
 def test_dataset_specs_accept_names_and_urls() -> None:
     params = config.parse(tiny_params_dict(
-        data={"train": ["sample_train"],
+        data={"train": ["sample_train"], "val": ["sample_val"],
               "test": ["sample_test", {"name": "set5", "url": "/x/Set5/HR"}]}))
-    assert [s.name for s in params.data.all_sets] == ["sample_train", "sample_test", "set5"]
+    assert [s.name for s in params.data.all_sets] == [
+        "sample_train", "sample_val", "sample_test", "set5"]
+    assert [s.name for s in params.data.scored_sets] == ["sample_val", "sample_test", "set5"]
+    assert params.data.split_of("set5") == "test"
     assert params.data.test[1].url == "/x/Set5/HR"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"train": ["a"], "val": ["a"], "test": ["b"]}, "'a' is named in both data.train and data.val"),
+        ({"train": ["a"], "val": ["v"], "test": ["v"]}, "'v' is named in both data.val and data.test"),
+        ({"train": ["a"], "val": ["v"], "test": ["a"]}, "'a' is named in both data.train and data.test"),
+        ({"train": ["a", "a"], "val": ["v"], "test": ["b"]}, "'a' is named twice in data.train"),
+        ({"train": ["a"], "val": [], "test": ["b"]}, "key 'data.val' is invalid"),
+    ],
+)
+def test_a_set_belongs_to_one_of_train_val_and_test(data: dict, expected: str) -> None:
+    with pytest.raises(config.ConfigError, match=expected.replace(".", r"\.")) as err:
+        config.parse(tiny_params_dict(data=data))
+    assert "\n" not in str(err.value)
+
+
+def test_finetune_crops_must_fit_the_discriminator() -> None:
+    raw = tiny_params_dict()
+    raw["finetune"]["hr_crop"] = 40  # a multiple of the scale, not of 16
+    with pytest.raises(config.ConfigError, match=r"finetune\.hr_crop.*multiple of 16"):
+        config.parse(raw)
+
+
+def test_paper_overlay_validates_only_on_validation_and_reports_the_benchmarks() -> None:
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    paper = config.parse(config.deep_merge(
+        base, yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())))
+    assert [s.name for s in paper.data.val] == ["div2k_valid"]
+    assert [s.name for s in paper.data.test] == ["set5", "set14", "bsd100"]
+    assert paper.tracking.gate_set == "div2k_valid"

@@ -105,7 +105,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _raw(distributed_on: bool) -> dict[str, Any]:
-    raw = tiny_params_dict(data={"train": ["tr"], "test": ["te"]})
+    raw = tiny_params_dict(data={"train": ["tr"], "val": ["va"], "test": ["te"]})
     for stage in ("pretrain", "finetune"):
         raw[stage].update(iterations=4, batch_size=4, log_every=1, val_every=4,
                           checkpoint_every=2)

@@ -40,10 +40,11 @@ def _generator(seed: int) -> SRResNet:
 
 def _prepared(tmp_path: Path, **sections: dict) -> tuple[config.Params, Path]:
     data = tmp_path / "data"
+    make_images(data / "train", 2, size=(64, 64), seed=3)
     make_images(data / "tiny", 3, size=(64, 48), seed=0, grey=1)
     make_images(data / "tiny2", 2, size=(48, 56), seed=1)
     params = config.parse(tiny_params_dict(
-        data={"train": ["tiny"], "test": ["tiny", "tiny2"]}, **sections))
+        data={"train": ["train"], "val": ["tiny"], "test": ["tiny2"]}, **sections))
     prepare(params, data, tmp_path / "prepared")
     return params, tmp_path / "prepared"
 
@@ -138,16 +139,18 @@ def test_grid_places_the_same_zoomed_detail_under_every_tile() -> None:
         assert (grid[label + by, left + bx:left + bx + size] == [255, 0, 0]).all()  # outline
 
 
-def test_gate_set_defaults_to_the_first_test_set_and_refuses_unknown_names() -> None:
-    params = config.parse(tiny_params_dict(data={"train": ["a"], "test": ["b", "c"]}))
-    assert evaluate.gate_set(params) == "b"
-    chosen = params.model_copy(update={"tracking": params.tracking.model_copy(
-        update={"gate_set": "c"})})
-    assert evaluate.gate_set(chosen) == "c"
-    bad = params.model_copy(update={"tracking": params.tracking.model_copy(
-        update={"gate_set": "set99"})})
-    with pytest.raises(config.ConfigError, match=r"tracking\.gate_set.*\['b', 'c'\]"):
-        evaluate.gate_set(bad)
+def test_gate_set_defaults_to_the_first_validation_set_and_never_reads_a_test_set() -> None:
+    data = {"train": ["a"], "val": ["v", "w"], "test": ["b", "c"]}
+    params = config.parse(tiny_params_dict(data=data))
+    assert evaluate.gate_set(params) == "v"
+    raw = tiny_params_dict(data=data)
+    raw["tracking"]["gate_set"] = "w"
+    assert evaluate.gate_set(config.parse(raw)) == "w"
+    for bad in ("b", "set99"):  # a test set is refused like an unknown name
+        raw["tracking"]["gate_set"] = bad
+        with pytest.raises(config.ConfigError,
+                           match=r"tracking.*gate_set '" + bad + r"'.*\['v', 'w'\] \(data\.val\)"):
+            config.parse(raw)
 
 
 def test_short_tile_overlap_is_called_out_with_the_value_that_makes_tiling_exact(

@@ -17,15 +17,17 @@ from tests.conftest import make_images, tiny_params_dict
 
 
 def _params(**data: object) -> config.Params:
-    return config.parse(tiny_params_dict(data={"train": ["a"], "test": ["b"], **data}))
+    return config.parse(tiny_params_dict(data={"train": ["a"], "val": ["v"], "test": ["b"],
+                                               **data}))
 
 
 def test_pairs_are_cropped_and_bicubic(tmp_path: Path) -> None:
     data = tmp_path / "data"
     make_images(data / "a", 2, size=(66, 51), grey=1)
+    make_images(data / "v", 1, size=(40, 40), seed=2)
     make_images(data / "b", 1, size=(40, 40), seed=1)
     counts = prepare(_params(), data, tmp_path / "prepared")
-    assert counts == {"a": 2, "b": 1}
+    assert counts == {"a": 2, "v": 1, "b": 1}
     hr = np.asarray(Image.open(tmp_path / "prepared" / "a" / "HR" / "img01.png"))
     lr = np.asarray(Image.open(tmp_path / "prepared" / "a" / "LR" / "img01.png"))
     assert hr.shape == (48, 64, 3) and lr.shape == (12, 16, 3)  # 51x66 cropped to x4
@@ -33,12 +35,13 @@ def test_pairs_are_cropped_and_bicubic(tmp_path: Path) -> None:
     grey = np.asarray(Image.open(tmp_path / "prepared" / "a" / "HR" / "img00.png"))
     assert grey.ndim == 2  # grey stays grey for the field's evaluation
     manifest = json.loads((tmp_path / "prepared" / "manifest.json").read_text())
-    assert manifest == {"scale": 4, "sets": {"a": 2, "b": 1}}
+    assert manifest == {"scale": 4, "sets": {"a": 2, "v": 1, "b": 1}}
 
 
 def test_corrupt_image_names_the_file_and_keeps_old_output(tmp_path: Path) -> None:
     data = tmp_path / "data"
     make_images(data / "a", 2)
+    make_images(data / "v", 1, seed=2)
     make_images(data / "b", 1)
     out = tmp_path / "prepared"
     prepare(_params(), data, out)

@@ -57,7 +57,7 @@ def server(tmp_path: Path, mlflow_template: Path) -> Iterator[tuple[str, Path]]:
 def _project(root: Path) -> Path:
     make_prepared_sets(root)
     return write_params(root / "params.yaml",
-                        tiny_params_dict(data={"train": ["tr"], "test": ["te"]}))
+                        tiny_params_dict(data={"train": ["tr"], "val": ["va"], "test": ["te"]}))
 
 
 def test_pretrain_logs_registers_and_serves_through_an_http_tracking_server(

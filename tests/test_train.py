@@ -46,7 +46,7 @@ def prepared_sets(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _params(**sections: Any) -> dict[str, Any]:
-    raw = tiny_params_dict(data={"train": ["tr"], "test": ["te"]})
+    raw = tiny_params_dict(data={"train": ["tr"], "val": ["va"], "test": ["te"]})
     raw["tracking"]["register_models"] = False
     for key, value in sections.items():
         raw[key].update(value)
@@ -317,7 +317,7 @@ def test_checkpoints_of_other_params_or_another_srresnet_are_not_resumed(
     other = config.parse(_params(finetune={"lr": 5e-5}))
     assert train.read_checkpoint(path, train.fingerprint(other, "finetune")) is None
     assert train.fingerprint(other, "pretrain") == train.fingerprint(params, "pretrain")
-    runtime = config.parse(tiny_params_dict(data={"train": ["tr"], "test": ["te"]},
+    runtime = config.parse(tiny_params_dict(data={"train": ["tr"], "val": ["va"], "test": ["te"]},
                                             runtime={"num_workers": 3, "channels_last": False}))
     assert train.fingerprint(runtime, "finetune") == fp  # runtime knobs may change on resume
     path.write_bytes(b"torn")
