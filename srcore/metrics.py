@@ -13,16 +13,24 @@ Three numbers are provided:
   ``calculate_ssim``: 11x11 Gaussian (sigma 1.5), 'valid' region only.
 * :func:`ssim_daala_y` - the SSIM the SRGAN paper's Table 2 used (Xiph daala
   ``tools/dump_ssim.c``): a Gaussian whose width scales with the image height.
+* :func:`niqe_y` - NIQE (Mittal et al. 2013), a no-reference naturalness score (lower is
+  better) that does not reward blur, as the LIVE MATLAB release computes it.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.resources
+import io
 import math
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, special
 
-__all__ = ["luma", "psnr_y", "rgb_to_y", "ssim_daala_y", "ssim_y"]
+from srcore.data.degrade import imresize
+
+__all__ = ["NiqeModelError", "luma", "niqe_y", "psnr_y", "rgb_to_y", "ssim_daala_y", "ssim_y"]
 
 _PEAK = 255.0
 _C1 = (0.01 * _PEAK) ** 2
@@ -196,3 +204,175 @@ def ssim_daala_y(sr: np.ndarray, hr: np.ndarray, crop: int = 4) -> float:
     kernel = _daala_gaussian_kernel(h * (1.5 / 256.0), min(h, w))
     smap, weight = _ssim_map(y_sr, y_hr, kernel, mode="constant")
     return float(np.sum(smap * weight) / np.sum(weight))
+
+
+# ---------------------------------------------------------------------------- NIQE
+#
+# Mittal, Soundararajan & Bovik, "Making a 'Completely Blind' Image Quality Analyzer", IEEE
+# SPL 2013, following the LIVE MATLAB release (computequality.m, computefeature.m,
+# estimateaggdparam.m) step by step, in double precision as MATLAB computes: float32 moves
+# single images by up to 0.3, because each AGGD shape parameter is an argmin on a 0.001 grid
+# and a small image gives few 96x96 blocks for a 36x36 covariance.
+
+#: The pristine model (mu 1x36, cov 36x36, 7x7 window fspecial('gaussian', 7, 7/6)) from the
+#: LIVE release, as BasicSR distributes it; shipped in srcore/assets and checked on load.
+NIQE_PARAMS_SHA256 = "2a7c182a68c9e7f1b2e2e5ec723279d6f65d912b6fcaf37eb2bf03d7367c4296"
+_NIQE_PARAMS_FILE = "niqe_pris_params.npz"
+_NIQE_BLOCK = 96
+# computefeature.m: circshift offsets of the four neighbour products (H, V, two diagonals).
+_NIQE_SHIFTS = ((0, 1), (1, 0), (1, 1), (1, -1))
+# Rows of the (rows x 9801) AGGD grid search evaluated at once: bounds memory on big images.
+_AGGD_CHUNK = 128
+
+
+class NiqeModelError(RuntimeError):
+    """The packaged NIQE pristine model is missing or not the published file."""
+
+
+@functools.lru_cache(maxsize=1)
+def _niqe_model() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mu_pris 36, cov_pris 36x36, window 7x7) from the packaged file, sha256-checked once."""
+    res = importlib.resources.files("srcore") / "assets" / _NIQE_PARAMS_FILE
+    fix = "reinstall srgan-pipeline (the file ships in srcore/assets; NIQE never downloads it)"
+    try:
+        raw = res.read_bytes()
+    except OSError:
+        raise NiqeModelError(f"{res}: NIQE pristine model missing; {fix}") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != NIQE_PARAMS_SHA256:
+        raise NiqeModelError(
+            f"{res}: NIQE pristine model altered (sha256 {digest}, expected "
+            f"{NIQE_PARAMS_SHA256}); {fix}"
+        )
+    with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
+        mu = np.asarray(npz["mu_pris_param"], dtype=np.float64).reshape(36)
+        cov = np.asarray(npz["cov_pris_param"], dtype=np.float64).reshape(36, 36)
+        window = np.asarray(npz["gaussian_window"], dtype=np.float64).reshape(7, 7)
+    return mu, cov, window
+
+
+@functools.lru_cache(maxsize=1)
+def _aggd_table() -> tuple[np.ndarray, np.ndarray]:
+    """estimateaggdparam.m's grid ``gam = 0.2:0.001:10`` and ``r_gam`` over it.
+
+    The grid is built the way MATLAB's colon operator does (a + k*d from the left half,
+    b - k*d from the right, exact midpoint), so the candidate shape values are MATLAB's.
+    """
+    a, d, b, n = 0.2, 0.001, 10.0, 9800
+    gam = np.empty(n + 1, dtype=np.float64)
+    k = np.arange(n // 2 + 1, dtype=np.float64)
+    gam[: n // 2 + 1] = a + k * d
+    gam[n - np.arange(n // 2 + 1)] = b - k * d
+    gam[n // 2] = (a + b) / 2.0
+    r_gam = special.gamma(2.0 / gam) ** 2 / (special.gamma(1.0 / gam) * special.gamma(3.0 / gam))
+    return gam, r_gam
+
+
+def _aggd_fit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row-wise estimateaggdparam.m: (alpha, beta_l, beta_r) for every row of ``x`` at once.
+
+    A side with no samples gives NaN (MATLAB's mean of an empty vector); an all-NaN search
+    picks the first grid value, as MATLAB's ``min`` does, so such rows carry NaN betas that
+    the caller's nanmean/nancov handle exactly as the MATLAB code does.
+    """
+    gam, r_gam = _aggd_table()
+    sq = x * x
+    neg, pos = x < 0, x > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        left_std = np.sqrt(np.where(neg, sq, 0.0).sum(axis=1) / neg.sum(axis=1))
+        right_std = np.sqrt(np.where(pos, sq, 0.0).sum(axis=1) / pos.sum(axis=1))
+        gammahat = left_std / right_std
+        rhat = np.mean(np.abs(x), axis=1) ** 2 / np.mean(sq, axis=1)
+        rhatnorm = rhat * (gammahat**3 + 1) * (gammahat + 1) / ((gammahat**2 + 1) ** 2)
+    pos_idx = np.empty(x.shape[0], dtype=np.int64)
+    for start in range(0, x.shape[0], _AGGD_CHUNK):
+        chunk = rhatnorm[start : start + _AGGD_CHUNK, None]
+        pos_idx[start : start + _AGGD_CHUNK] = np.argmin((r_gam[None, :] - chunk) ** 2, axis=1)
+    alpha = gam[pos_idx]
+    ratio = np.sqrt(special.gamma(1.0 / alpha) / special.gamma(3.0 / alpha))
+    return alpha, left_std * ratio, right_std * ratio
+
+
+def _niqe_scale_features(img: np.ndarray, window: np.ndarray, block: int) -> np.ndarray:
+    """computefeature.m for every ``block`` x ``block`` tile of one scale: (tiles, 18).
+
+    Tiles are ordered column-major (as blkproc + reshape order them in MATLAB).
+    """
+    mu = ndimage.correlate(img, window, mode="nearest")  # imfilter(..., 'replicate')
+    sigma = np.sqrt(np.abs(ndimage.correlate(img * img, window, mode="nearest") - mu * mu))
+    structdis = (img - mu) / (sigma + 1.0)
+    nbh, nbw = img.shape[0] // block, img.shape[1] // block
+    tiles = structdis.reshape(nbh, block, nbw, block).transpose(2, 0, 1, 3)
+    tiles = tiles.reshape(nbh * nbw, block, block)
+    n = nbh * nbw
+    # Row groups: the coefficients, then their products with each circshifted neighbour.
+    rows = [tiles.reshape(n, -1)]
+    rows += [(tiles * np.roll(tiles, s, axis=(1, 2))).reshape(n, -1) for s in _NIQE_SHIFTS]
+    alpha, beta_l, beta_r = (v.reshape(5, n) for v in _aggd_fit(np.concatenate(rows)))
+    feats = [alpha[0], (beta_l[0] + beta_r[0]) / 2.0]
+    for g in range(1, 5):
+        ratio = special.gamma(2.0 / alpha[g]) / special.gamma(1.0 / alpha[g])
+        mean = (beta_r[g] - beta_l[g]) * ratio
+        feats += [alpha[g], mean, beta_l[g], beta_r[g]]
+    return np.stack(feats, axis=1)
+
+
+def _niqe_grey_level(image: np.ndarray) -> np.ndarray:
+    """Integer grey levels as float64: grey values as-is, RGB via rgb2ycbcr's rounded Y."""
+    if image.ndim == 2:
+        return luma(image)
+    # MATLAB rgb2ycbcr on uint8 returns uint8: round half away from zero (Y >= 16 > 0).
+    return np.floor(luma(image) + 0.5)
+
+
+def niqe_y(image: np.ndarray, crop: int = 4) -> float:
+    """NIQE of a uint8 HxWx3 RGB or HxW grey image (lower = more natural), as the LIVE
+    MATLAB release computes it, on rounded rgb2ycbcr Y (grey: its own values, as in
+    :func:`luma`) after removing ``crop`` border pixels (SR papers use 4; the published
+    value of the LIVE test image uses 0).
+
+    The image is cut to whole 96x96 blocks (top-left kept); the second scale is MATLAB
+    ``imresize(img, 0.5)`` on doubles. At least two blocks are needed, since a Gaussian
+    is fitted to the per-block features. Raises ValueError for unusable input and for an
+    image without enough texture for the fit (e.g. flat), and :class:`NiqeModelError` if
+    the packaged pristine model is missing or altered.
+    """
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        got = image.dtype if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"niqe_y expects a uint8 image, got {got}")
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
+        raise ValueError(f"niqe_y expects an HxW grey or HxWx3 RGB image, got shape {image.shape}")
+    if isinstance(crop, bool) or not isinstance(crop, (int, np.integer)) or crop < 0:
+        raise ValueError(f"crop must be an integer >= 0, got {crop!r}")
+    h, w = image.shape[:2]
+    ch, cw = h - 2 * crop, w - 2 * crop
+    nbh, nbw = max(ch, 0) // _NIQE_BLOCK, max(cw, 0) // _NIQE_BLOCK
+    if nbh * nbw < 2:
+        raise ValueError(
+            f"niqe_y needs at least two whole {_NIQE_BLOCK}x{_NIQE_BLOCK} blocks after the "
+            f"{crop}-pixel border crop; a {h}x{w} image leaves {max(ch, 0)}x{max(cw, 0)}"
+        )
+    mu_p, cov_p, window = _niqe_model()
+    img = image[crop : h - crop, crop : w - crop]
+    img = _niqe_grey_level(img)[: nbh * _NIQE_BLOCK, : nbw * _NIQE_BLOCK]
+
+    feat1 = _niqe_scale_features(img, window, _NIQE_BLOCK)
+    # Mirrored borders, as the imresize MATLAB R2021a ran for the published value: on the
+    # LIVE test image they give 5.72996 against MATLAB's 5.72957; clamping gives 5.71951.
+    half = imresize(img, 0.5, border="symmetric")
+    feat = np.concatenate([feat1, _niqe_scale_features(half, window, _NIQE_BLOCK // 2)], axis=1)
+
+    # nanmean / nancov (rows with any NaN dropped), as the MATLAB release.
+    complete = feat[~np.isnan(feat).any(axis=1)]
+    if complete.shape[0] < 2:
+        raise ValueError(
+            f"niqe_y: a {h}x{w} image has fewer than two textured {_NIQE_BLOCK}x{_NIQE_BLOCK} "
+            "blocks (flat regions give no AGGD fit); NIQE is undefined for it"
+        )
+    mu_d = np.nanmean(feat, axis=0)
+    cov_d = np.cov(complete, rowvar=False)
+    diff = mu_p - mu_d
+    quality = math.sqrt(float(diff @ np.linalg.pinv((cov_p + cov_d) / 2.0) @ diff))
+    if not math.isfinite(quality):
+        raise ValueError(f"niqe_y: NIQE is undefined for this {h}x{w} image (non-finite fit)")
+    return quality

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import shutil
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +15,15 @@ import pytest
 from PIL import Image
 from skimage.metrics import structural_similarity
 
+import srcore.metrics as metrics_mod
+from srcore.data.degrade import imresize
+from srcore.data.images import list_images, load_image
 from srcore.metrics import (
+    NIQE_PARAMS_SHA256,
+    NiqeModelError,
     _daala_gaussian_kernel,
     luma,
+    niqe_y,
     psnr_y,
     rgb_to_y,
     ssim_daala_y,
@@ -301,3 +311,156 @@ def test_set5_pillow_bicubic_psnr_in_plausible_band() -> None:
     values = [psnr_y(*_set5_pair(i), crop=4) for i in range(1, 6)]
     mean = float(np.mean(values))
     assert 27.5 < mean < 28.8, f"Set5 Pillow-bicubic PSNR_Y {mean:.3f} dB (per image {values})"
+
+
+# ---------------------------------------------------------------- NIQE
+
+REPO = Path(__file__).resolve().parents[1]
+PERCEPTUAL = REPO.parent / "shared" / "perceptual"
+NIQE_REFERENCE = Path(__file__).parent / "data" / "niqe_reference.json"
+BABOON_SHA256 = "275a75fd08d0a7899cbdaa8820ff15869e33bc1d6d07dbc79133374683fe411c"
+#: LIVE MATLAB release (R2021a) on the shared baboon.png, no crop (shared/perceptual/README.md).
+BABOON_MATLAB = 5.72957338
+
+
+def _texture(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """A textured uint8 image (smooth pattern + noise) that NIQE can fit on every block."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    base = 120 + 50 * np.sin(xx / 9.0) * np.cos(yy / 13.0)
+    if len(shape) == 3:
+        base = base[..., None] + rng.uniform(-30, 30, size=(1, 1, shape[2]))
+    return np.clip(base + rng.normal(0, 12, size=shape), 0, 255).round().astype(np.uint8)
+
+
+def test_niqe_baboon_matches_matlab() -> None:
+    path = PERCEPTUAL / "baboon.png"
+    if not path.is_file():
+        pytest.skip(f"{path} not found (the shared perceptual reference data is absent)")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == BABOON_SHA256, f"{path} changed"
+    assert abs(niqe_y(load_image(path), crop=0) - BABOON_MATLAB) < 1e-3
+
+
+def _reference() -> dict:
+    return json.loads(NIQE_REFERENCE.read_text())
+
+
+@pytest.mark.parametrize("name", ["Set5", "Set14", "BSD100"])
+def test_niqe_matches_independent_double_precision_port(name: str) -> None:
+    """Against BasicSR's NIQE run in float64 (tests/data/niqe_reference.json, made by
+    benchmarks/niqe_reference.py): every HR image and every x4 bicubic reconstruction within
+    0.15, each set's mean within 0.01. Per-image slack because each AGGD shape parameter is
+    an argmin on a 0.001 grid, so rounding-level differences can flip one of them."""
+    root = _datasets_root() / name
+    if not (root / "HR").is_dir():
+        pytest.skip(f"{root} not found (set SRGAN_SHARED_DATASETS)")
+    ref = _reference()["sets"][name]
+    hr_paths = list_images(root / "HR")
+    assert sorted(ref["hr"]) == sorted(p.name for p in hr_paths)
+    ours: dict[str, dict[str, float]] = {"hr": {}, "bicubic": {}}
+    for hr_path in hr_paths:
+        lr = load_image(root / "LR_bicubic_X4" / hr_path.name.replace("_HR.", "_LR."))
+        ours["hr"][hr_path.name] = niqe_y(load_image(hr_path), crop=4)
+        ours["bicubic"][hr_path.name] = niqe_y(imresize(lr, 4.0), crop=4)
+    for kind in ("hr", "bicubic"):
+        worst = max(ours[kind], key=lambda k: abs(ours[kind][k] - ref[kind][k]))
+        assert abs(ours[kind][worst] - ref[kind][worst]) < 0.15, (kind, worst)
+        mean = float(np.mean(list(ours[kind].values())))
+        assert abs(mean - ref[f"mean_{kind}"]) < 0.01, (kind, mean, ref[f"mean_{kind}"])
+    # Perception, not distortion: bicubic blur is less natural than the HR photos.
+    assert np.mean(list(ours["bicubic"].values())) > np.mean(list(ours["hr"].values())) + 1.0
+
+
+def test_niqe_grey_uses_its_own_values() -> None:
+    """A grey image's values are its grey level (no rgb2ycbcr range mapping): it scores
+    exactly as the RGB image whose rounded Y equals those values, and differently from
+    the same values read as R=G=B."""
+    grey = np.clip(_texture((200, 300)), 16, 235)
+    v = np.round((grey.astype(np.float64) - 16.0) * 255.0 / 219.0).astype(np.uint8)
+    rgb_same_y = np.stack([v] * 3, axis=-1)
+    assert np.array_equal(np.floor(_y_independent(rgb_same_y) + 0.5), grey)
+    assert niqe_y(grey) == niqe_y(rgb_same_y)
+    assert niqe_y(grey) != niqe_y(np.stack([grey] * 3, axis=-1))
+
+
+def test_niqe_crop_removes_the_border() -> None:
+    img = _texture((212, 310, 3), seed=1)
+    assert niqe_y(img, crop=4) == niqe_y(img[4:-4, 4:-4], crop=0)
+    tampered = img.copy()
+    tampered[:4] = 0
+    tampered[:, :4] = 255
+    assert niqe_y(tampered, crop=4) == niqe_y(img, crop=4)
+    assert niqe_y(tampered, crop=0) != niqe_y(img, crop=0)
+
+
+@pytest.mark.parametrize(
+    "image,crop,match",
+    [
+        (np.zeros((100, 300), np.uint8), 4, r"100x300 image leaves 92x292"),
+        (np.zeros((190, 150, 3), np.uint8), 0, r"two whole 96x96 blocks.*190x150"),
+        (np.zeros((200, 200), np.uint8), 60, r"200x200 image leaves 80x80"),
+        (np.zeros((200, 200), np.uint8), 150, r"leaves 0x0"),
+        (np.zeros((200, 200), np.float32), 0, r"uint8.*float32"),
+        (np.zeros((200, 200), np.float64), 0, r"uint8.*float64"),
+        (np.zeros((200, 200), np.uint16), 0, r"uint8.*uint16"),
+        (np.zeros((200, 200, 4), np.uint8), 0, r"HxWx3.*\(200, 200, 4\)"),
+        (np.zeros((200, 200), np.uint8), -1, r"crop"),
+    ],
+)
+def test_niqe_refuses_unusable_input(image: np.ndarray, crop: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        niqe_y(image, crop=crop)
+
+
+def test_niqe_flat_image_is_undefined_not_nan() -> None:
+    with pytest.raises(ValueError, match="undefined"):
+        niqe_y(np.full((200, 200, 3), 128, np.uint8))
+
+
+def test_niqe_deterministic_and_input_untouched() -> None:
+    img = _texture((260, 230, 3), seed=2)
+    before = img.copy()
+    first = niqe_y(img)
+    assert math.isfinite(first) and first > 0
+    assert niqe_y(img) == first
+    assert np.array_equal(img, before)
+
+
+@pytest.fixture
+def fresh_niqe_model():
+    metrics_mod._niqe_model.cache_clear()
+    yield
+    metrics_mod._niqe_model.cache_clear()
+
+
+def test_niqe_model_missing_or_altered(
+    fresh_niqe_model: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The packaged pristine model is checked once by sha256; a missing or altered copy
+    fails with one line naming the file and the fix."""
+    packaged = Path(metrics_mod.__file__).parent / "assets" / "niqe_pris_params.npz"
+    assert hashlib.sha256(packaged.read_bytes()).hexdigest() == NIQE_PARAMS_SHA256
+    img = _texture((200, 200))
+    expected = niqe_y(img)
+    metrics_mod._niqe_model.cache_clear()
+    monkeypatch.setattr(metrics_mod.importlib.resources, "files", lambda pkg: tmp_path)
+    with pytest.raises(NiqeModelError, match=r"niqe_pris_params.npz: .*missing; reinstall"):
+        niqe_y(img)
+    (tmp_path / "assets").mkdir()
+    copy = tmp_path / "assets" / "niqe_pris_params.npz"
+    raw = bytearray(packaged.read_bytes())
+    raw[-100] ^= 1
+    copy.write_bytes(bytes(raw))
+    with pytest.raises(NiqeModelError, match=r"altered \(sha256 [0-9a-f]{64}, expected") as err:
+        niqe_y(img)
+    assert "\n" not in str(err.value)
+    shutil.copyfile(packaged, copy)
+    assert niqe_y(img) == expected
+
+
+def test_niqe_model_is_package_data() -> None:
+    """A non-editable install must carry the .npz: pyproject's package-data covers it."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["srcore"]
+    assert any(Path("assets/niqe_pris_params.npz").match(pat) for pat in patterns), patterns
+    assert (REPO / "srcore" / "assets" / "niqe_pris_params.npz").is_file()
