@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
+import math
 import os
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
@@ -68,6 +69,10 @@ def _git_dirty() -> bool | None:
     return None if status is None else bool(status)
 
 
+class NonFiniteMetric(ValueError):
+    """A NaN or infinite metric reached the tracker; the message names it."""
+
+
 class Tracker:
     """What a stage may log; a thin facade so training code never imports mlflow."""
 
@@ -82,9 +87,16 @@ class Tracker:
             mlflow.log_params({k: str(v) for k, v in fresh.items()}, run_id=self.run_id)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        clean = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
-        if clean:
-            mlflow.log_metrics(clean, step=step, run_id=self.run_id)
+        """Refuses a non-finite value instead of dropping it: a NaN loss or metric is a
+        diverged run, which must stop the stage, not vanish from its history."""
+        values = {k: float(v) for k, v in metrics.items()}
+        bad = sorted(k for k, v in values.items() if not math.isfinite(v))
+        if bad:
+            raise NonFiniteMetric(f"MLflow run {self.run_id}: metric '{bad[0]}' is "
+                                  f"{values[bad[0]]} (step {step}); a non-finite value is "
+                                  "never logged")
+        if values:
+            mlflow.log_metrics(values, step=step, run_id=self.run_id)
 
     def log_image(self, image: np.ndarray, name: str) -> None:
         self._client.log_image(self.run_id, image, artifact_file=name)
@@ -129,24 +141,19 @@ class Tracker:
         return None if version is None else str(version)
 
     def _provenance(self) -> dict[str, str]:
-        """What made a version, readable in the registry without opening its run.
-
-        The git commit (and whether its code was dirty), the run's params as one JSON tag, and
-        the ones people filter on as `params.<key>` tags: model.*, scale, seed, data.* and the
-        run's own stage section (pretrain.* or finetune.*).
-        """
+        """What made a version, readable in the registry without opening its run: the git
+        commit (and whether its code was dirty) and the run's params as one JSON tag. One
+        tag, not one per key: two dozen params.* tags pushed the metric and gate tags out of
+        view on the registry page, and the run itself holds the params one by one."""
         run = self._client.get_run(self.run_id)
-        params, stage = run.data.params, run.data.tags.get("stage", "")
         commit = run.data.tags.get("git_commit") or _git_commit()
         out = {"git_commit": commit or "none"}
         dirty = _git_dirty() if commit else None
         if dirty is not None:
             out["git_dirty"] = str(dirty).lower()
-        if params:
-            out["params"] = json.dumps(dict(sorted(params.items())), separators=(",", ":"))
-            prefixes = ("model.", "data.", f"{stage}.") if stage else ("model.", "data.")
-            out.update({f"params.{k}": v for k, v in params.items()
-                        if k in ("scale", "seed") or k.startswith(prefixes)})
+        if run.data.params:
+            out["params"] = json.dumps(dict(sorted(run.data.params.items())),
+                                       separators=(",", ":"))
         return out
 
 
@@ -208,8 +215,9 @@ def pipeline_run(experiment: str, name: str = "pipeline") -> Iterator[str]:
 
 
 def log_to_run(run_id: str, metrics: Mapping[str, float]) -> None:
-    """Log final metrics onto an existing run (the pipeline parent run)."""
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, run_id=run_id)
+    """Log final metrics onto an existing run (the pipeline parent run), non-finite refused."""
+    mlflow.set_tracking_uri(tracking_uri())
+    Tracker(run_id).log_metrics(metrics)
 
 
 def load_generator(uri: str) -> Any:
@@ -241,22 +249,37 @@ def latest_version(name: str) -> str | None:
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-#: Gate metrics; all are higher-is-better.
-GATE_METRICS = ("psnr_y", "ssim_y", "ssim_daala_y")
+#: Gate metrics and their direction. NIQE (no-reference naturalness) is where SRGAN wins;
+#: PSNR/SSIM reward blur (the paper's point), so they can only bound SRGAN, not rank it.
+GATE_METRICS = ("psnr_y", "ssim_y", "ssim_daala_y", "niqe")
+#: Metrics where a smaller number is better (everywhere else: larger).
+LOWER_IS_BETTER = frozenset({"niqe", "lpips"})
+#: The model whose champion bounds SRGAN's distortion (tracking.gate_psnr_budget_db).
+REFERENCE_MODEL = "srresnet"
 
 
 class RegistryError(Exception):
     """A registry problem the user can fix (unknown model or version, missing metrics)."""
 
 
+def better(metric: str, new: float, old: float) -> bool:
+    """Strictly better in the metric's own direction (lower NIQE, higher PSNR)."""
+    return new < old if metric in LOWER_IS_BETTER else new > old
+
+
+def direction(metric: str) -> str:
+    return "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
+
+
 @dataclass(frozen=True)
 class GateDecision:
-    """The outcome of `gate` for one version: promoted, or the champion kept, and why."""
+    """The outcome of `gate` for one version: promoted, the champion kept, or refused by a
+    distortion bound, and why (both numbers and the rule)."""
 
     name: str
     version: str
-    decision: str  # promoted | champion_kept | already_champion
-    champion: str  # the champion after the gate
+    decision: str  # promoted | champion_kept | already_champion | refused
+    champion: str  # the champion after the gate ("" when there is none)
     reason: str
 
     @property
@@ -268,9 +291,11 @@ class GateDecision:
             head = f"{self.name} v{self.version} is now @{CHAMPION}"
         elif self.decision == "already_champion":
             head = f"{self.name} v{self.version} stays @{CHAMPION}"
-        else:
+        elif self.champion:
             head = (f"{self.name} v{self.version} is @{CHALLENGER}; "
                     f"@{CHAMPION} stays v{self.champion}")
+        else:
+            head = f"{self.name} v{self.version} is @{CHALLENGER}; there is no @{CHAMPION}"
         return f"registry gate: {head} ({self.reason})"
 
 
@@ -302,65 +327,132 @@ def aliases(name: str) -> dict[str, str]:
 
 
 def tag_metrics(name: str, version: str, metrics: Mapping[str, Mapping[str, float]]) -> None:
-    """Tag a version with its benchmark numbers, metrics[set][metric] -> metric.<set>.<metric>."""
+    """Tag a version with its benchmark numbers, metrics[set][metric] -> metric.<set>.<metric>.
+
+    A non-finite number is refused: it would make every later comparison meaningless.
+    """
     client = _registry()
     _version(client, name, version)
     for set_name, values in metrics.items():
         for metric, value in values.items():
+            if not math.isfinite(float(value)):
+                raise RegistryError(f"{name} v{version}: {metric_tag(set_name, metric)} is "
+                                    f"{value}; a non-finite metric is never registered")
             client.set_model_version_tag(name, str(version), metric_tag(set_name, metric),
                                          str(round(float(value), 4)))
 
 
-def gate(name: str, version: str, set_name: str, metric: str) -> GateDecision:
-    """Make `version` the challenger; make it the champion only if it beats the champion.
+@dataclass(frozen=True)
+class GateRule:
+    """What a version must show on a validation set to become champion.
 
-    "Beats" is strictly greater `metric.<set_name>.<metric>`, both numbers read from tags that
-    `tag_metrics` wrote. With no champion yet, the version becomes champion. A champion
-    without that tag (evaluated on other sets) is kept: the numbers are not like for like, and
-    `srgan models promote` is the explicit way out. The decision and its reason are recorded
-    on the version as `gate_decision` / `gate_reason`.
+    `metric` ranks it against the champion in its own direction. Two bounds keep a perceptual
+    ranking honest: PSNR-Y above bicubic's (`bicubic_psnr`), and, with `psnr_budget_db`, PSNR-Y
+    no more than that below the current REFERENCE_MODEL champion's on the same set.
+    """
+
+    set_name: str
+    metric: str
+    bicubic_psnr: float | None = None
+    psnr_budget_db: float | None = None
+
+    def __str__(self) -> str:
+        parts = [f"{metric_tag(self.set_name, self.metric)} ({direction(self.metric)})"]
+        if self.bicubic_psnr is not None:
+            parts.append(f"psnr_y above bicubic's {self.bicubic_psnr:.2f}")
+        if self.psnr_budget_db is not None:
+            parts.append(f"psnr_y within {self.psnr_budget_db:g} dB of @{CHAMPION} "
+                         f"{REFERENCE_MODEL}")
+        return "; ".join(parts)
+
+
+def _float_tag(tags: Mapping[str, str], key: str) -> float | None:
+    return float(tags[key]) if key in tags else None
+
+
+def _distortion_bounds(client: MlflowClient, name: str, tags: Mapping[str, str],
+                       rule: GateRule) -> str | None:
+    """Why the version breaks a PSNR bound of `rule`, or None when it keeps them all."""
+    if rule.bicubic_psnr is None and rule.psnr_budget_db is None:
+        return None
+    key = metric_tag(rule.set_name, "psnr_y")
+    psnr = _float_tag(tags, key)
+    if psnr is None:
+        return f"it has no {key} tag to check the PSNR bounds with; run `srgan evaluate`"
+    if rule.bicubic_psnr is not None and not psnr > rule.bicubic_psnr:
+        return f"{key} {psnr:.2f} is not above bicubic's {rule.bicubic_psnr:.2f}"
+    if rule.psnr_budget_db is None or name == REFERENCE_MODEL:
+        return None
+    reference = aliases(REFERENCE_MODEL).get(CHAMPION)
+    ref_psnr = None if reference is None else _float_tag(
+        _version(client, REFERENCE_MODEL, reference).tags, key)
+    if ref_psnr is None:
+        return (f"no @{CHAMPION} {REFERENCE_MODEL} with a {key} tag to measure the "
+                f"{rule.psnr_budget_db:g} dB PSNR budget against")
+    if psnr < ref_psnr - rule.psnr_budget_db:
+        return (f"{key} {psnr:.2f} is more than {rule.psnr_budget_db:g} dB below "
+                f"{REFERENCE_MODEL} v{reference}'s {ref_psnr:.2f}")
+    return None
+
+
+def gate(name: str, version: str, set_name: str, metric: str, *,
+         bicubic_psnr: float | None = None,
+         psnr_budget_db: float | None = None) -> GateDecision:
+    """Make `version` the challenger; make it the champion only if it keeps the PSNR bounds
+    of GateRule(set_name, metric, bicubic_psnr, psnr_budget_db) and beats the champion on
+    `metric` in that metric's direction.
+
+    Numbers are read from tags that `tag_metrics` wrote. With no champion yet, a version that
+    keeps the bounds becomes champion. A champion without the metric's tag (measured on other
+    sets) is kept: the numbers are not like for like, and `srgan models promote` is the
+    explicit way out. The decision, its reason (both numbers) and the rule are recorded on the
+    version as `gate_decision`, `gate_reason` and `gate_rule`.
     """
     if metric not in GATE_METRICS:
         raise ValueError(f"gate metric must be one of {GATE_METRICS}, got {metric!r}")
+    rule = GateRule(set_name, metric, bicubic_psnr, psnr_budget_db)
     client = _registry()
     version = str(version)
-    key = metric_tag(set_name, metric)
+    key = metric_tag(rule.set_name, rule.metric)
     tags = _version(client, name, version).tags
-    if key not in tags:
+    new = _float_tag(tags, key)
+    if new is None:
         raise RegistryError(f"{name} v{version} has no {key} tag; run `srgan evaluate` first")
-    new = float(tags[key])
     client.set_registered_model_alias(name, CHALLENGER, version)
     current = aliases(name).get(CHAMPION)
-    if current is None:
-        decision, reason = "promoted", f"first champion: no @{CHAMPION} yet; {key} = {new:.4f}"
-    elif current == version:
+    broken = _distortion_bounds(client, name, tags, rule)
+    if current == version:
         decision, reason = "already_champion", f"already @{CHAMPION}; {key} = {new:.4f}"
+    elif broken is not None:
+        decision, reason = "refused", f"not promoted: {broken}"
+    elif current is None:
+        decision, reason = "promoted", f"first champion: no @{CHAMPION} yet; {key} = {new:.4f}"
     else:
-        old_tags = _version(client, name, current).tags
-        if key not in old_tags:
+        old = _float_tag(_version(client, name, current).tags, key)
+        if old is None:
             decision = "champion_kept"
             reason = (f"champion v{current} has no {key} tag, so they cannot be compared like "
                       f"for like; promote by hand with `srgan models promote {name} {version}`")
+        elif better(rule.metric, new, old):
+            decision = "promoted"
+            reason = f"{key} {new:.4f} beats champion v{current}'s {old:.4f}"
         else:
-            old = float(old_tags[key])
-            if new > old:
-                decision = "promoted"
-                reason = f"{key} {new:.4f} beats champion v{current}'s {old:.4f}"
-            else:
-                decision = "champion_kept"
-                reason = f"{key} {new:.4f} does not beat champion v{current}'s {old:.4f}"
+            decision = "champion_kept"
+            reason = f"{key} {new:.4f} does not beat champion v{current}'s {old:.4f}"
     if decision == "promoted":
         client.set_registered_model_alias(name, CHAMPION, version)
         current = version
-    client.set_model_version_tag(name, version, "gate_decision", decision)
-    client.set_model_version_tag(name, version, "gate_reason", reason)
-    return GateDecision(name, version, decision, str(current), reason)
+    for tag, value in {"gate_decision": decision, "gate_reason": reason,
+                       "gate_rule": str(rule), "gate_metric": key}.items():
+        client.set_model_version_tag(name, version, tag, value)
+    return GateDecision(name, version, decision, current or "", reason)
 
 
 def promote(name: str, version: str, reason: str, who: str | None = None) -> str | None:
     """Manual override: make `version` the champion, recording who, why, when and over whom.
 
-    Returns the previous champion's version (None when there was none).
+    Its `gate_decision` becomes `manual`, so the registry never shows a champion marked
+    `champion_kept`. Returns the previous champion's version (None when there was none).
     """
     client = _registry()
     version = str(version)
@@ -369,9 +461,29 @@ def promote(name: str, version: str, reason: str, who: str | None = None) -> str
     client.set_registered_model_alias(name, CHAMPION, version)
     when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     for key, value in {"promoted_by": who or _user(), "promoted_reason": reason,
-                       "promoted_at": when, "promoted_over": previous or "none"}.items():
+                       "promoted_at": when, "promoted_over": previous or "none",
+                       "gate_decision": "manual",
+                       "gate_reason": f"promoted by hand: {reason}"}.items():
         client.set_model_version_tag(name, version, key, value)
     return previous
+
+
+def gate_comparison(name: str, version: str, other: str) -> str | None:
+    """How `version` compares with `other` on the gate metric `other` was judged by, in that
+    metric's direction (None when they share no such number). Shown after a manual promotion
+    so that overriding the gate is a decision made knowingly."""
+    client = _registry()
+    theirs = _version(client, name, other).tags
+    key = theirs.get("gate_metric")
+    ours = _version(client, name, version).tags
+    if key is None or key not in ours or key not in theirs:
+        return None
+    new, old = float(ours[key]), float(theirs[key])
+    metric = key.rsplit(".", 1)[-1]
+    verdict = ("better" if better(metric, new, old)
+               else "equal" if new == old else "worse")
+    return (f"{key}: v{version} {new:.4f} is {verdict} than v{other}'s {old:.4f} "
+            f"({direction(metric)})")
 
 
 def _user() -> str:

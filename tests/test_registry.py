@@ -56,9 +56,10 @@ def test_first_version_becomes_champion_and_carries_its_provenance(register: Reg
                           check=True).stdout.strip()
     assert tags["git_commit"] == head and tags["git_dirty"] in ("true", "false")
     assert tags["data_version"] == "d1.dir"
-    assert (tags["params.model.blocks"], tags["params.scale"]) == ("1", "4")
-    assert tags["params.pretrain.lr"] == "0.0001" and "params.runtime.device" not in tags
-    assert json.loads(tags["params"])["runtime.device"] == "cpu"  # the full set, as JSON
+    params = json.loads(tags["params"])  # the full set as one tag, not one tag per key
+    assert (params["model.blocks"], params["scale"], params["pretrain.lr"]) == ("1", "4", "0.0001")
+    assert params["runtime.device"] == "cpu"
+    assert not [k for k in tags if k.startswith("params.")]
     assert tags["metric.set14.psnr_y"] == "25.0" and tags["metric.set14.ssim_daala_y"] == "0.71"
     assert tags["gate_decision"] == "promoted"
 
@@ -92,6 +93,61 @@ def test_a_worse_or_equal_challenger_leaves_the_champion_and_says_why(
                                     f"@champion stays v{v1} (metric.set5.ssim_y")
 
 
+def test_srgan_gate_ranks_by_lower_niqe_within_the_psnr_budget_and_above_bicubic(
+        register: Register) -> None:
+    """The paper's trade: SRGAN may lose PSNR to SRResNet (within the budget, never below
+    bicubic) and wins on NIQE, where lower is better."""
+    ref = register("srresnet", metrics={"val": {"psnr_y": 28.0, "niqe": 6.8}})
+    assert tracking.gate("srresnet", ref, "val", "psnr_y", bicubic_psnr=26.0).promoted
+    rule = {"bicubic_psnr": 26.0, "psnr_budget_db": 1.0}
+
+    v1 = register("srgan", metrics={"val": {"psnr_y": 27.5, "niqe": 6.0}})
+    first = tracking.gate("srgan", v1, "val", "niqe", **rule)
+    assert first.promoted and "first champion" in first.reason
+    assert _tags("srgan", v1)["gate_rule"] == (
+        "metric.val.niqe (lower is better); psnr_y above bicubic's 26.00; "
+        "psnr_y within 1 dB of @champion srresnet")
+
+    v2 = register("srgan", metrics={"val": {"psnr_y": 27.2, "niqe": 5.5}})  # lower NIQE wins
+    second = tracking.gate("srgan", v2, "val", "niqe", **rule)
+    assert second.promoted and "metric.val.niqe 5.5000 beats champion" in second.reason
+
+    v3 = register("srgan", metrics={"val": {"psnr_y": 28.5, "niqe": 5.9}})  # higher NIQE loses
+    third = tracking.gate("srgan", v3, "val", "niqe", **rule)
+    assert third.decision == "champion_kept" and third.champion == v2
+
+    v4 = register("srgan", metrics={"val": {"psnr_y": 26.9, "niqe": 4.0}})  # too blurry a trade
+    fourth = tracking.gate("srgan", v4, "val", "niqe", **rule)
+    assert fourth.decision == "refused" and fourth.champion == v2
+    assert fourth.reason == ("not promoted: metric.val.psnr_y 26.90 is more than 1 dB below "
+                             f"srresnet v{ref}'s 28.00")
+
+    v5 = register("srgan", metrics={"val": {"psnr_y": 25.9, "niqe": 3.0}})
+    fifth = tracking.gate("srgan", v5, "val", "niqe", bicubic_psnr=26.0, psnr_budget_db=3.0)
+    assert fifth.decision == "refused" and "not above bicubic's 26.00" in fifth.reason
+    assert tracking.aliases("srgan") == {"champion": v2, "challenger": v5}
+
+
+def test_psnr_budget_needs_a_measured_srresnet_champion(register: Register) -> None:
+    v1 = register("srgan", metrics={"val": {"psnr_y": 27.0, "niqe": 5.0}})
+    decision = tracking.gate("srgan", v1, "val", "niqe", psnr_budget_db=3.0)
+    assert decision.decision == "refused" and decision.champion == ""
+    assert "no @champion srresnet with a metric.val.psnr_y tag" in decision.reason
+    assert "there is no @champion" in str(decision)
+
+
+def test_non_finite_numbers_never_reach_the_registry_or_a_run(register: Register) -> None:
+    v1 = register()
+    with pytest.raises(tracking.RegistryError, match=r"metric\.val\.niqe is nan"):
+        tracking.tag_metrics("srresnet", v1, {"val": {"niqe": float("nan")}})
+    assert "metric.val.niqe" not in _tags("srresnet", v1)
+    with tracking.stage_run("t", "pretrain") as tracker, \
+            pytest.raises(tracking.NonFiniteMetric, match="'pretrain/loss_mse' is nan"):
+        tracker.log_metrics({"pretrain/loss_mse": float("nan"), "pretrain/lr": 1e-4}, step=3)
+    run = MlflowClient().get_run(tracker.run_id)
+    assert run.data.metrics == {}  # nothing of that call was logged
+
+
 def test_a_champion_measured_on_other_sets_is_not_replaced_blindly(register: Register) -> None:
     v1 = register(metrics={"sample_test": {"psnr_y": 30.0}})
     tracking.gate("srresnet", v1, "sample_test", "psnr_y")
@@ -115,6 +171,11 @@ def test_manual_promotion_overrides_the_gate_and_records_who_and_why(
     assert tracking.aliases("srresnet")["champion"] == v2
     tags = _tags("srresnet", v2)
     assert tags["promoted_reason"] == "sharper faces" and tags["promoted_over"] == v1
+    # The registry never shows the champion as "champion_kept" after a manual promotion.
+    assert (tags["gate_decision"], tags["gate_reason"]) == ("manual",
+                                                            "promoted by hand: sharper faces")
+    assert tracking.gate_comparison("srresnet", v2, v1) == (
+        f"metric.set14.psnr_y: v{v2} 24.0000 is worse than v{v1}'s 25.0000 (higher is better)")
     assert tags["promoted_by"] and tags["promoted_at"].endswith("Z")
     frame = tracking.compare(["srresnet"])
     assert frame.loc[frame.version == int(v2), "promoted_by"].item() == tags["promoted_by"]
