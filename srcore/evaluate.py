@@ -28,16 +28,22 @@ from srcore.config import Params
 from srcore.data.datasets import Pair, load_pairs
 from srcore.data.degrade import imresize
 from srcore.data.images import save_png, to_rgb
-from srcore.metrics import luma, psnr_y, ssim_daala_y, ssim_y
+from srcore.metrics import luma, niqe_y, psnr_y, ssim_daala_y, ssim_y
+from srcore.models.interpolate import blend
 from srcore.report import PAPER_TABLE2, table
 from srcore.upscale import receptive_radius, upscale_image
 
 __all__ = ["METHODS", "METRICS", "PAPER_TABLE2", "evaluate", "gate_set", "table"]
 
+#: The methods of the comparison grid; the alpha blends join them in the tables and the plane.
 METHODS = ("bicubic", "srresnet", "srgan")
-#: Always computed, per image; "lpips" joins them when available (see lpips_scorer).
+#: The HR images themselves: no distortion to measure, but the naturalness to aim for (NIQE).
+REFERENCE = "hr"
+#: Full-reference metrics, always computed per image; "lpips" joins them when available.
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray, int], float]] = {
     "psnr_y": psnr_y, "ssim_y": ssim_y, "ssim_daala_y": ssim_daala_y}
+#: No-reference metrics, computed per image for every method and for HR.
+NO_REFERENCE: dict[str, Callable[[np.ndarray, int], float]] = {"niqe": niqe_y}
 #: Nearest-neighbour enlargement of the detail crop under each grid tile.
 DETAIL_ZOOM = 4
 
@@ -100,6 +106,23 @@ def bicubic_upscale(lr: np.ndarray, scale: int) -> np.ndarray:
     return imresize(lr, float(scale))
 
 
+def alpha_method(alpha: float) -> str:
+    """Method name of the blend (1 - alpha) SRResNet + alpha SRGAN, e.g. alpha_0.25."""
+    return f"alpha_{alpha:g}"
+
+
+def with_blends(generators: dict[str, nn.Module], alphas: list[float]) -> dict[str, nn.Module]:
+    """srresnet, its blends with srgan at each alpha, then srgan: the order of the curve."""
+    if not alphas or not {"srresnet", "srgan"} <= generators.keys():
+        return dict(generators)
+    out = {"srresnet": generators["srresnet"]}
+    for alpha in sorted(alphas):
+        out[alpha_method(alpha)] = blend(generators["srresnet"], generators["srgan"], alpha)
+    out["srgan"] = generators["srgan"]
+    out.update({k: g for k, g in generators.items() if k not in out})
+    return out
+
+
 def gate_set(params: Params) -> str:
     """The validation set the registry's promotion gate compares on (tracking.gate_set).
 
@@ -121,10 +144,24 @@ def warn_if_overlap_short(generators: dict[str, nn.Module], params: Params) -> N
                   f"{radius} for exact results")
 
 
+def _no_reference(image: np.ndarray, crop: int) -> dict[str, float]:
+    """NIQE and its kin; NaN where undefined (an image under two 96x96 blocks, a flat one),
+    which the summary skips and the CSV leaves empty: never a number that means nothing."""
+    out = {}
+    for name, fn in NO_REFERENCE.items():
+        try:
+            out[name] = fn(image, crop)
+        except ValueError:
+            out[name] = float("nan")
+    return out
+
+
 def score_set(pairs: list[Pair], generators: dict[str, nn.Module], params: Params,
               set_name: str, keep: int = 0, device: torch.device | str = "cpu"
               ) -> tuple[pd.DataFrame, dict[str, list[np.ndarray]]]:
-    """Per-image rows (set, image, method, metrics...) and the first `keep` SR images per method.
+    """Per-image rows (set, image, method, metrics...) and the first `keep` SR images of the
+    grid's methods. Each method's output is scored on the full-reference metrics and NIQE;
+    a row for HR itself carries its NIQE, the naturalness the methods aim for.
 
     Only the images a grid needs are kept, so a set of large images is scored one image at a
     time instead of holding every method's output for the whole set.
@@ -133,6 +170,7 @@ def score_set(pairs: list[Pair], generators: dict[str, nn.Module], params: Param
     metrics = metric_functions()
     rows: list[dict[str, object]] = []
     images: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
+    undefined = 0
     for i, p in enumerate(tqdm(pairs, desc=f"evaluate {set_name}", unit="img", leave=False)):
         outputs = {"bicubic": bicubic_upscale(p.lr, scale)}
         for name, g in generators.items():
@@ -141,33 +179,46 @@ def score_set(pairs: list[Pair], generators: dict[str, nn.Module], params: Param
         for method, sr in outputs.items():
             row: dict[str, object] = {"set": set_name, "image": p.name, "method": method}
             row.update({k: f(sr, p.hr, crop) for k, f in metrics.items()})
+            row.update(_no_reference(sr, crop))
             rows.append(row)
-            if i < keep:
+            if i < keep and method in images:
                 images[method].append(sr)
+        reference = _no_reference(p.hr, crop)
+        undefined += sum(1 for v in reference.values() if not np.isfinite(v))
+        rows.append({"set": set_name, "image": p.name, "method": REFERENCE, **reference})
+    if undefined:
+        _note(f"evaluate: NIQE is undefined for {undefined} of {len(pairs)} {set_name} "
+              "image(s) (under two 96x96 blocks after the border crop, or flat); their "
+              "NIQE is left out of the mean")
     return pd.DataFrame(rows), images
 
 
-def detail_box(hr: np.ndarray, size: int) -> tuple[int, int]:
-    """Top-left (y, x) of the size x size window with the most HR gradient energy on Y.
+def detail_box(a: np.ndarray, b: np.ndarray, height: int, width: int) -> tuple[int, int]:
+    """Top-left (y, x) of the height x width window where Y of `a` and `b` differ most.
 
-    That is where methods differ most (edges, texture); a flat sky crop would show nothing.
+    Given SRResNet's and SRGAN's outputs, that is where the grid shows the trade: textures
+    one model invents and the other blurs. Where they do not differ at all, the window with
+    the most gradient energy of `a` (edges, texture) is taken instead of an arbitrary corner.
     """
-    y = luma(hr)
-    energy = np.zeros_like(y)
-    energy[:, :-1] += np.diff(y, axis=1) ** 2
-    energy[:-1, :] += np.diff(y, axis=0) ** 2
+    ya, yb = luma(a), luma(b)
+    energy = (ya - yb) ** 2
+    if not energy.any():
+        energy = np.zeros_like(ya)
+        energy[:, :-1] += np.diff(ya, axis=1) ** 2
+        energy[:-1, :] += np.diff(ya, axis=0) ** 2
     integral = np.pad(energy.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    sums = (integral[size:, size:] - integral[:-size, size:]
-            - integral[size:, :-size] + integral[:-size, :-size])
+    sums = (integral[height:, width:] - integral[:-height, width:]
+            - integral[height:, :-width] + integral[:-height, :-width])
     iy, ix = np.unravel_index(int(np.argmax(sums)), sums.shape)
     return int(iy), int(ix)
 
 
-def _outline(tile: np.ndarray, y: int, x: int, size: int, width: int = 2) -> np.ndarray:
+def _outline(tile: np.ndarray, y: int, x: int, height: int, width_: int,
+             width: int = 2) -> np.ndarray:
     """The tile with a red box where the detail crop was taken."""
     out = tile.copy()
     red = np.array([255, 0, 0], np.uint8)
-    y1, x1 = y + size, x + size
+    y1, x1 = y + height, x + width_
     out[y:y + width, x:x1] = red
     out[y1 - width:y1, x:x1] = red
     out[y:y1, x:x + width] = red
@@ -185,8 +236,9 @@ def comparison_grid(pairs: list[Pair], images: dict[str, list[np.ndarray]], scal
                     count: int, pad: int = 4) -> np.ndarray | None:
     """Per image: LR (nearest) | bicubic | SRResNet | SRGAN | HR, each over a zoomed detail.
 
-    The detail is the same HR-gradient-richest square in every tile (outlined in red),
-    enlarged DETAIL_ZOOM x with nearest neighbour so the reader sees pixels, not resampling.
+    The detail is the window where SRResNet and SRGAN differ most (`detail_box`), the same in
+    every tile and outlined in red, with the tile's own aspect ratio, so that enlarged
+    DETAIL_ZOOM x with nearest neighbour (pixels, not resampling) it fills its cell.
     """
     blocks = []
     for i, p in enumerate(pairs[:count]):
@@ -195,16 +247,19 @@ def comparison_grid(pairs: list[Pair], images: dict[str, list[np.ndarray]], scal
         named += [(m, to_rgb(images[m][i])) for m in METHODS if len(images[m]) > i]
         named.append(("HR", to_rgb(p.hr)))
         h, w = p.hr.shape[:2]
-        size = max(1, min(h, w) // DETAIL_ZOOM)
-        by, bx = detail_box(p.hr, size)
+        bh, bw = max(1, h // DETAIL_ZOOM), max(1, w // DETAIL_ZOOM)
+        if all(len(images[m]) > i for m in ("srresnet", "srgan")):
+            by, bx = detail_box(images["srresnet"][i], images["srgan"][i], bh, bw)
+        else:
+            by, bx = detail_box(p.hr, p.hr, bh, bw)
         columns = []
         for name, tile in named:
             tile = tile[:h, :w]
-            detail = np.kron(tile[by:by + size, bx:bx + size],
+            detail = np.kron(tile[by:by + bh, bx:bx + bw],
                              np.ones((DETAIL_ZOOM, DETAIL_ZOOM, 1), np.uint8))
             detail = np.pad(detail, ((0, 0), (0, w - detail.shape[1]), (0, 0)),
                             constant_values=255)
-            column = np.concatenate([_label(name, w), _outline(tile, by, bx, size),
+            column = np.concatenate([_label(name, w), _outline(tile, by, bx, bh, bw),
                                      np.full((pad, w, 3), 255, np.uint8), detail], axis=0)
             columns.append(np.pad(column, ((0, 0), (0, pad), (0, 0)), constant_values=255))
         blocks.append(np.concatenate(columns, axis=1))
@@ -217,14 +272,75 @@ def comparison_grid(pairs: list[Pair], images: dict[str, list[np.ndarray]], scal
 
 
 def summarise(per_image: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
-    """Mean of every metric column per (set, method), rounded to 4 decimals."""
+    """Mean of every metric column per (set, method), rounded to 4 decimals.
+
+    Undefined values (HR has no PSNR; NIQE of a too-small image) are skipped, and a metric
+    with no value at all is left out: the summary never holds a NaN.
+    """
     columns = [c for c in per_image.columns if c not in ("set", "image", "method")]
     means = per_image.groupby(["set", "method"], sort=False)[columns].mean()
     out: dict[str, dict[str, dict[str, float]]] = {}
     for (set_name, method), row in means.iterrows():
-        out.setdefault(str(set_name), {})[str(method)] = {
-            c: round(float(row[c]), 4) for c in columns}
+        values = {c: round(float(row[c]), 4) for c in columns if np.isfinite(row[c])}
+        if values:
+            out.setdefault(str(set_name), {})[str(method)] = values
     return out
+
+
+def plane_points(summary: dict[str, dict[str, dict[str, float]]]) -> pd.DataFrame:
+    """The perception-distortion plane (Blau & Michaeli 2018) of every set: one row per method
+    with its PSNR-Y and NIQE, and alpha (0 SRResNet, 1 SRGAN, the blends between)."""
+    rows = []
+    for set_name, methods in summary.items():
+        for method, values in methods.items():
+            if "niqe" not in values:
+                continue
+            alpha = {"srresnet": 0.0, "srgan": 1.0}.get(
+                method, float(method.removeprefix("alpha_")) if method.startswith("alpha_")
+                else float("nan"))
+            rows.append({"set": set_name, "method": method, "alpha": alpha,
+                         "psnr_y": values.get("psnr_y", float("nan")), "niqe": values["niqe"]})
+    return pd.DataFrame(rows, columns=["set", "method", "alpha", "psnr_y", "niqe"])
+
+
+def plot_plane(points: pd.DataFrame, set_name: str, path: Path) -> Path:
+    """PSNR-Y against NIQE for one set: bicubic, the alpha curve from SRResNet to SRGAN, and
+    HR's NIQE as the line to reach (HR has no distortion, so no PSNR). Axes fit the data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    own = points[points["set"] == set_name]
+    curve = own[own["alpha"].notna()].sort_values("alpha")
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
+    ax.plot(curve["psnr_y"], curve["niqe"], "-o", color="tab:blue", label="SRResNet → SRGAN")
+    for _, r in curve.iterrows():
+        ax.annotate(r["method"] if r["method"] in ("srresnet", "srgan")
+                    else f"α={r['alpha']:g}", (r["psnr_y"], r["niqe"]),
+                    textcoords="offset points", xytext=(5, 5), fontsize=8)
+    bicubic = own[own["method"] == "bicubic"]
+    if len(bicubic):
+        ax.plot(bicubic["psnr_y"], bicubic["niqe"], "s", color="tab:gray", label="bicubic")
+        ax.annotate("bicubic", (bicubic["psnr_y"].iloc[0], bicubic["niqe"].iloc[0]),
+                    textcoords="offset points", xytext=(5, 5), fontsize=8)
+    hr = own[own["method"] == REFERENCE]
+    if len(hr):
+        ax.axhline(hr["niqe"].iloc[0], color="tab:green", linestyle="--",
+                   label=f"HR (NIQE {hr['niqe'].iloc[0]:.2f})")
+    ax.set_xlabel("PSNR-Y (dB) → less distortion")
+    ax.set_ylabel("NIQE ↓ more natural")
+    ax.set_title(f"Perception-distortion plane: {set_name}")
+    ax.margins(0.15)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -247,12 +363,14 @@ def _exact_fp32() -> Iterator[None]:
 
 def evaluate(params: Params, prepared: Path, generators: dict[str, nn.Module],
              metrics_path: Path, plot_path: Path, reports: Path) -> tuple[dict, list[Path]]:
-    """Score every validation and test set; write metrics JSON, per-image CSV and one grid PNG
-    per set. Validation sets are scored because the registry gate reads them."""
-    from srcore.train import resolve_device
+    """Score every validation and test set; write metrics JSON, per-image CSV, the plane's
+    points beside it, one grid PNG and one perception-distortion plot per set. Validation sets
+    are scored because the registry gate reads them. Returns the summary and the images."""
+    from srcore.training.runtime import resolve_device
 
     device = resolve_device(params.runtime.device)
-    generators = {k: g.to(device).eval() for k, g in generators.items()}
+    generators = with_blends({k: g.to(device).eval() for k, g in generators.items()},
+                             params.evaluate.alphas)
     warn_if_overlap_short(generators, params)
     frames, grids = [], []
     keep = params.evaluate.grid_images
@@ -268,9 +386,18 @@ def evaluate(params: Params, prepared: Path, generators: dict[str, nn.Module],
                 grids.append(path)
     per_image = pd.concat(frames, ignore_index=True)
     summary = summarise(per_image)
-    _atomic_text(metrics_path, json.dumps(summary, indent=2) + "\n")
-    plot_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = plot_path.with_name(f".{plot_path.name}.tmp")
-    per_image.round(4).to_csv(tmp, index=False)
-    os.replace(tmp, plot_path)
+    points = plane_points(summary)
+    for set_name in points["set"].unique():
+        grids.append(plot_plane(points, str(set_name), reports /
+                                f"perception_distortion_{str(set_name).lower()}.png"))
+    _atomic_text(metrics_path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    _write_csv(per_image, plot_path)
+    _write_csv(points, plot_path.with_name("perception_distortion.csv"))
     return summary, grids
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.round(4).to_csv(tmp, index=False)
+    os.replace(tmp, path)

@@ -1,8 +1,11 @@
-"""Our benchmark numbers beside the paper's Table 2, from metrics/evaluate.json.
+"""Our benchmark numbers as tables, and beside the paper's Table 2, from metrics/evaluate.json.
 
 Kept free of torch so `srgan report` answers instantly. The paper's SSIM is daala's
 (srcore.metrics.ssim_daala_y), so the deltas compare like with like: PSNR-Y with PSNR-Y, daala
 SSIM with daala SSIM; Wang SSIM is shown for comparison with later work, never against Table 2.
+The paper judged perception by mean opinion score (MOS), which no metric reproduces; NIQE is
+the offline, no-reference stand-in we can compute, so the two stand side by side, not as a
+difference.
 """
 
 from __future__ import annotations
@@ -10,47 +13,44 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
-#: Table 2 of the paper, PSNR (dB) / SSIM (daala), 4x, keyed by lower-case set name.
-PAPER_TABLE2: dict[str, dict[str, tuple[float, float]]] = {
-    "set5": {"bicubic": (28.43, 0.8211), "srresnet": (32.05, 0.9019), "srgan": (29.40, 0.8472)},
-    "set14": {"bicubic": (25.99, 0.7486), "srresnet": (28.49, 0.8184), "srgan": (26.02, 0.7397)},
-    "bsd100": {"bicubic": (25.94, 0.6935), "srresnet": (27.58, 0.7620), "srgan": (25.16, 0.6688)},
+
+class PaperRow(NamedTuple):
+    psnr: float
+    ssim_daala: float
+    mos: float
+
+
+#: Table 2 of the paper, 4x: PSNR (dB) / SSIM (daala) / MOS, keyed by lower-case set name.
+PAPER_TABLE2: dict[str, dict[str, PaperRow]] = {
+    "set5": {"bicubic": PaperRow(28.43, 0.8211, 1.97), "srresnet": PaperRow(32.05, 0.9019, 3.37),
+             "srgan": PaperRow(29.40, 0.8472, 3.58)},
+    "set14": {"bicubic": PaperRow(25.99, 0.7486, 1.80),
+              "srresnet": PaperRow(28.49, 0.8184, 2.98), "srgan": PaperRow(26.02, 0.7397, 3.72)},
+    "bsd100": {"bicubic": PaperRow(25.94, 0.6935, 1.47),
+               "srresnet": PaperRow(27.58, 0.7620, 2.29), "srgan": PaperRow(25.16, 0.6688, 3.56)},
 }
 
 Summary = dict[str, dict[str, dict[str, float]]]
 
-#: Column heading of each metric key; each SSIM says which SSIM it is.
+#: Column heading of each metric key; each SSIM says which SSIM it is, arrows give direction.
 HEADINGS = {
     "psnr_y": "PSNR-Y (dB)",
     "ssim_y": "SSIM-Y (Wang)",
     "ssim_daala_y": "SSIM-Y (daala)",
-    "lpips": "LPIPS (alex)",
+    "niqe": "NIQE ↓",
+    "lpips": "LPIPS (alex) ↓",
 }
+#: The rows of the benchmark table, in order; blends go to the perception-distortion table.
+MAIN_METHODS = ("bicubic", "srresnet", "srgan", "hr")
 
 
-def paper_row(set_name: str, method: str) -> tuple[float, float] | None:
-    """Table 2's (PSNR, daala SSIM) for a set and method; set names match case-insensitively."""
+def paper_row(set_name: str, method: str) -> PaperRow | None:
+    """Table 2's row for a set and method; set names match case-insensitively."""
     return PAPER_TABLE2.get(set_name.lower(), {}).get(method)
-
-
-def comparison_frame(summary: Summary) -> pd.DataFrame:
-    """One row per (set, method): our metrics, the paper's, and ours minus the paper's."""
-    metrics = [k for k in HEADINGS if any(k in m for ms in summary.values() for m in ms.values())]
-    rows = []
-    for set_name, methods in summary.items():
-        for method, values in methods.items():
-            paper = paper_row(set_name, method)
-            row: dict[str, object] = {"set": set_name, "method": method}
-            row.update({HEADINGS[k]: values.get(k, math.nan) for k in metrics})
-            row["paper PSNR"] = paper[0] if paper else math.nan
-            row["paper SSIM (daala)"] = paper[1] if paper else math.nan
-            row["Δ PSNR"] = values.get("psnr_y", math.nan) - row["paper PSNR"]
-            row["Δ SSIM (daala)"] = values.get("ssim_daala_y", math.nan) - row["paper SSIM (daala)"]
-            rows.append(row)
-    return pd.DataFrame(rows)
 
 
 def _cell(column: str, value: object) -> str:
@@ -58,19 +58,85 @@ def _cell(column: str, value: object) -> str:
         return str(value)
     if math.isnan(value):
         return "-"
-    digits = 2 if "PSNR" in column else 4
+    digits = 2 if ("PSNR" in column or "NIQE" in column or "MOS" in column) else 4
     sign = "+" if column.startswith("Δ") else ""
     return f"{value:{sign}.{digits}f}"
 
 
-def table(summary: Summary) -> str:
-    """Markdown table of `comparison_frame`, '-' where the paper has no number."""
-    frame = comparison_frame(summary)
-    lines = ["| " + " | ".join(frame.columns) + " |",
-             "|" + "---|" * len(frame.columns)]
+def markdown(frame: pd.DataFrame) -> str:
+    """A DataFrame as a Markdown table, '-' where there is no number."""
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
     for _, row in frame.iterrows():
         lines.append("| " + " | ".join(_cell(c, row[c]) for c in frame.columns) + " |")
     return "\n".join(lines)
+
+
+def _metrics_present(summary: Summary) -> list[str]:
+    return [k for k in HEADINGS if any(k in m for ms in summary.values() for m in ms.values())]
+
+
+def benchmark_frame(summary: Summary) -> pd.DataFrame:
+    """One row per (set, method) for bicubic, SRResNet, SRGAN and HR: every metric we have."""
+    metrics = _metrics_present(summary)
+    rows = []
+    for set_name, methods in summary.items():
+        for method in [m for m in MAIN_METHODS if m in methods]:
+            row: dict[str, object] = {"set": set_name, "method": method}
+            row.update({HEADINGS[k]: methods[method].get(k, math.nan) for k in metrics})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plane_frame(summary: Summary) -> pd.DataFrame:
+    """The perception-distortion curve per set: bicubic, SRResNet (alpha 0), the blends,
+    SRGAN (alpha 1) and HR, each as 'PSNR-Y / NIQE'."""
+    rows = []
+    for set_name, methods in summary.items():
+        blends = sorted((m for m in methods if m.startswith("alpha_")),
+                        key=lambda m: float(m.removeprefix("alpha_")))
+        order = ["bicubic", "srresnet", *blends, "srgan", "hr"]
+        row: dict[str, object] = {"set": set_name}
+        for method in order:
+            if method not in methods:
+                continue
+            values = methods[method]
+            psnr = f"{values['psnr_y']:.2f}" if "psnr_y" in values else "-"
+            niqe = f"{values['niqe']:.2f}" if "niqe" in values else "-"
+            label = {"srresnet": "SRResNet α=0", "srgan": "SRGAN α=1", "hr": "HR"}.get(
+                method, method.replace("alpha_", "α="))
+            row[label] = f"{psnr} / {niqe}"
+        rows.append(row)
+    return pd.DataFrame(rows).fillna("-")
+
+
+def table(summary: Summary) -> str:
+    """What `srgan evaluate` prints and the Prefect run page shows: the benchmark table, and
+    the perception-distortion curve when NIQE was computed."""
+    text = markdown(benchmark_frame(summary))
+    if any("niqe" in v for ms in summary.values() for v in ms.values()):
+        text += ("\n\nPerception-distortion curve (PSNR-Y dB / NIQE; higher PSNR = less "
+                 "distortion, lower NIQE = more natural):\n\n" + markdown(plane_frame(summary)))
+    return text
+
+
+def comparison_frame(summary: Summary) -> pd.DataFrame:
+    """Bicubic, SRResNet and SRGAN beside Table 2: ours and the paper's PSNR and daala SSIM with
+    their differences, then our NIQE beside the paper's MOS (no difference: not one scale)."""
+    rows = []
+    for set_name, methods in summary.items():
+        for method in [m for m in ("bicubic", "srresnet", "srgan") if m in methods]:
+            values, paper = methods[method], paper_row(set_name, method)
+            row: dict[str, object] = {"set": set_name, "method": method,
+                                      "PSNR-Y (dB)": values.get("psnr_y", math.nan),
+                                      "paper PSNR": paper.psnr if paper else math.nan}
+            row["Δ PSNR"] = row["PSNR-Y (dB)"] - row["paper PSNR"]  # type: ignore[operator]
+            row["SSIM-Y (daala)"] = values.get("ssim_daala_y", math.nan)
+            row["paper SSIM (daala)"] = paper.ssim_daala if paper else math.nan
+            row["Δ SSIM (daala)"] = row["SSIM-Y (daala)"] - row["paper SSIM (daala)"]  # type: ignore[operator]
+            row["NIQE ↓"] = values.get("niqe", math.nan)
+            row["paper MOS ↑"] = paper.mos if paper else math.nan
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def load_summary(path: Path) -> Summary:
@@ -81,7 +147,16 @@ def load_summary(path: Path) -> Summary:
 
 
 def report(metrics_path: Path) -> str:
-    """What `srgan report` prints: the table plus a note on which SSIM the paper used."""
-    return (table(load_summary(metrics_path)) + "\n\n"
-            "PSNR and SSIM on Y (BT.601) after a border crop. The paper's SSIM is daala's "
-            "(σ = 1.5·H/256); compare it with the SSIM-Y (daala) column, not with Wang's.")
+    """What `srgan report` prints: ours beside Table 2, and what the columns mean."""
+    summary = load_summary(metrics_path)
+    text = markdown(comparison_frame(summary)) + "\n\n" + (
+        "PSNR and SSIM on Y (BT.601) after a border crop. The paper's SSIM is daala's "
+        "(σ = 1.5·H/256); compare it with the SSIM-Y (daala) column, not with Wang's. The "
+        "paper's MOS (1-5, 26 raters) has no offline equivalent; NIQE (no-reference, lower is "
+        "more natural) is our stand-in, shown beside it, not subtracted from it.")
+    if not any(s.lower() in PAPER_TABLE2 for s in summary):
+        text += ("\n\nThe paper columns are empty because none of its sets (Set5, Set14, "
+                 "BSD100) was evaluated. Add them with `srgan params apply "
+                 "configs/shared-benchmarks.yaml` (this workplace's copies) or "
+                 "`configs/paper.yaml` (downloads them), then `dvc repro`.")
+    return text

@@ -17,9 +17,9 @@ from srcore import cli, config, evaluate, report
 from srcore.data.datasets import Pair
 from srcore.data.degrade import imresize
 from srcore.data.images import load_image
-from srcore.data.prepare import prepare
 from srcore.metrics import psnr_y, ssim_daala_y, ssim_y
 from srcore.models.srresnet import SRResNet
+from srcore.stages.prepare import prepare
 from tests.conftest import make_images, tiny_params_dict
 
 
@@ -41,7 +41,9 @@ def _generator(seed: int) -> SRResNet:
 def _prepared(tmp_path: Path, **sections: dict) -> tuple[config.Params, Path]:
     data = tmp_path / "data"
     make_images(data / "train", 2, size=(64, 64), seed=3)
-    make_images(data / "tiny", 3, size=(64, 48), seed=0, grey=1)
+    # Two 96x96 NIQE blocks after the 4-pixel crop: NIQE is defined on the val set, not on
+    # tiny2's small images.
+    make_images(data / "tiny", 3, size=(200, 104), seed=0, grey=1)
     make_images(data / "tiny2", 2, size=(48, 56), seed=1)
     params = config.parse(tiny_params_dict(
         data={"train": ["train"], "val": ["tiny"], "test": ["tiny2"]}, **sections))
@@ -59,14 +61,26 @@ def test_evaluate_reports_psnr_and_both_ssims_and_notes_missing_lpips_once(
 
     assert json.loads(metrics.read_text()) == summary
     assert set(summary) == {"tiny", "tiny2"}
-    for methods in summary.values():
-        assert set(methods) == {"bicubic", "srresnet", "srgan"}
-        for values in methods.values():
-            assert set(values) == {"psnr_y", "ssim_y", "ssim_daala_y"}
+    blends = {"alpha_0.25", "alpha_0.5", "alpha_0.75"}  # params.yaml's evaluate.alphas
+    full_reference = {"psnr_y", "ssim_y", "ssim_daala_y"}
+    assert set(summary["tiny"]) == {"bicubic", "srresnet", "srgan", "hr", *blends}
+    assert set(summary["tiny"]["hr"]) == {"niqe"}  # HR: naturalness only, no distortion
+    for method in ("bicubic", "srresnet", "srgan", *blends):
+        assert set(summary["tiny"][method]) == {*full_reference, "niqe"}
+        assert set(summary["tiny2"][method]) == full_reference  # NIQE undefined: left out
+    assert "hr" not in summary["tiny2"]
     per_image = pd.read_csv(plot)
     assert list(per_image.columns) == ["set", "image", "method", "psnr_y", "ssim_y",
-                                       "ssim_daala_y"]
-    assert len(per_image) == (3 + 2) * 3
+                                       "ssim_daala_y", "niqe"]
+    assert len(per_image) == (3 + 2) * 7
+    assert "NaN" not in metrics.read_text()
+    points = pd.read_csv(plot.with_name("perception_distortion.csv"))
+    tiny = points[points.set == "tiny"].set_index("method")
+    assert list(tiny.index) == ["bicubic", "srresnet", *sorted(blends), "srgan", "hr"]
+    assert list(tiny["alpha"].dropna()) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert tiny.loc["alpha_0.5", "niqe"] == summary["tiny"]["alpha_0.5"]["niqe"]
+    assert (tmp_path / "reports" / "perception_distortion_tiny.png").is_file()
+    assert "NIQE is undefined for 2 of 2 tiny2" in capsys.readouterr().err
     # Bicubic numbers are the metric functions on MATLAB imresize of the LR, nothing else.
     hr = load_image(prepared / "tiny" / "HR" / "img01.png")
     lr = load_image(prepared / "tiny" / "LR" / "img01.png")
@@ -75,8 +89,15 @@ def test_evaluate_reports_psnr_and_both_ssims_and_notes_missing_lpips_once(
     for name, fn in (("psnr_y", psnr_y), ("ssim_y", ssim_y), ("ssim_daala_y", ssim_daala_y)):
         assert row[name] == pytest.approx(fn(sr, hr, 4), abs=1e-4), name
     assert summary["tiny"]["bicubic"]["ssim_daala_y"] != summary["tiny"]["bicubic"]["ssim_y"]
-    assert [g.name for g in grids] == ["grid_tiny.png", "grid_tiny2.png"]
+    assert [g.name for g in grids] == ["grid_tiny.png", "grid_tiny2.png",
+                                       "perception_distortion_tiny.png"]
     assert all(g.is_file() for g in grids)
+
+
+def test_missing_lpips_is_noted_once_and_evaluation_goes_on(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert set(evaluate.metric_functions()) == {"psnr_y", "ssim_y", "ssim_daala_y"}
+    assert set(evaluate.metric_functions()) == {"psnr_y", "ssim_y", "ssim_daala_y"}
     err = capsys.readouterr().err
     assert err.count("LPIPS skipped") == 1 and "`lpips` package is not installed" in err
 
@@ -110,33 +131,42 @@ def test_lpips_joins_the_metrics_when_package_and_weights_are_local(
     assert seen[0] == (1, 3, 16, 12)  # border crop applied
 
 
-def test_detail_box_finds_the_region_with_the_most_gradient_energy() -> None:
-    img = np.full((64, 64, 3), 120, np.uint8)
+def test_detail_box_finds_where_srresnet_and_srgan_differ_most() -> None:
     rng = np.random.default_rng(0)
-    img[40:56, 8:24] = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    y, x = evaluate.detail_box(img, 16)
-    assert abs(y - 40) <= 1 and abs(x - 8) <= 1
-    assert evaluate.detail_box(img[..., 0], 16) == (y, x)  # grey works the same
+    srresnet = np.full((64, 80, 3), 120, np.uint8)
+    srresnet[2:18, 2:18] = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)  # edges in both
+    srgan = srresnet.copy()
+    srgan[40:56, 50:70] = rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)  # invented texture
+    y, x = evaluate.detail_box(srresnet, srgan, 16, 20)
+    assert (y, x) == (40, 50)
+    assert evaluate.detail_box(srresnet[..., 0], srgan[..., 0], 16, 20) == (y, x)  # grey too
+    # Identical outputs: the window with the most gradient energy instead of a corner.
+    assert evaluate.detail_box(srresnet, srresnet, 16, 16) == (2, 2)
 
 
-def test_grid_places_the_same_zoomed_detail_under_every_tile() -> None:
+def test_grid_zooms_the_same_window_in_every_tile_and_fills_the_cell() -> None:
     rng = np.random.default_rng(1)
     hr = np.full((32, 40, 3), 90, np.uint8)
-    hr[4:12, 20:28] = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    hr[4:12, 20:30] = rng.integers(0, 256, (8, 10, 3), dtype=np.uint8)
     pair = Pair("x", hr, imresize(hr, 0.25))
-    images = {m: [hr.copy()] for m in evaluate.METHODS}
+    srresnet = hr.copy()
+    srgan = hr.copy()
+    srgan[20:28, 4:14] = 255 - srgan[20:28, 4:14]  # where the two models differ
+    images = {"bicubic": [hr.copy()], "srresnet": [srresnet], "srgan": [srgan]}
     grid = evaluate.comparison_grid([pair], images, 4, count=1, pad=4)
-    size, zoom = 32 // evaluate.DETAIL_ZOOM, evaluate.DETAIL_ZOOM
+    zoom = evaluate.DETAIL_ZOOM
+    bh, bw = 32 // zoom, 40 // zoom
     label = 14
-    assert grid.shape == (label + 32 + 4 + size * zoom + 4, 5 * (40 + 4), 3)
-    by, bx = evaluate.detail_box(hr, size)
-    expected = np.kron(hr[by:by + size, bx:bx + size], np.ones((zoom, zoom, 1), np.uint8))
+    assert grid.shape == (label + 32 + 4 + bh * zoom + 4, 5 * (40 + 4), 3)
+    by, bx = evaluate.detail_box(srresnet, srgan, bh, bw)
+    assert (by, bx) == (20, 4)
     top = label + 32 + 4
-    for col in range(1, 5):  # bicubic, srresnet, srgan, HR tiles all show the HR crop here
+    for col, tile in ((1, hr), (2, srresnet), (3, srgan), (4, hr)):
         left = col * 44
-        np.testing.assert_array_equal(grid[top:top + size * zoom, left:left + size * zoom],
-                                      expected)
-        assert (grid[label + by, left + bx:left + bx + size] == [255, 0, 0]).all()  # outline
+        expected = np.kron(tile[by:by + bh, bx:bx + bw], np.ones((zoom, zoom, 1), np.uint8))
+        assert expected.shape[:2] == (32, 40)  # the zoom fills the tile's cell, no padding
+        np.testing.assert_array_equal(grid[top:top + 32, left:left + 40], expected)
+        assert (grid[label + by, left + bx:left + bx + bw] == [255, 0, 0]).all()  # outline
 
 
 def test_gate_set_defaults_to_the_first_validation_set_and_never_reads_a_test_set() -> None:
@@ -162,9 +192,29 @@ def test_short_tile_overlap_is_called_out_with_the_value_that_makes_tiling_exact
 
 
 SUMMARY = {
-    "Set14": {"srresnet": {"psnr_y": 28.0, "ssim_y": 0.78, "ssim_daala_y": 0.80}},
-    "sample_test": {"bicubic": {"psnr_y": 24.5, "ssim_y": 0.7, "ssim_daala_y": 0.72}},
+    "sample_val": {"bicubic": {"psnr_y": 26.0, "ssim_y": 0.70, "ssim_daala_y": 0.72,
+                               "niqe": 7.5},
+                   "srresnet": {"psnr_y": 27.5, "ssim_y": 0.76, "ssim_daala_y": 0.78,
+                                "niqe": 6.7},
+                   "alpha_0.5": {"psnr_y": 27.3, "ssim_y": 0.75, "ssim_daala_y": 0.77,
+                                 "niqe": 6.1},
+                   "srgan": {"psnr_y": 27.0, "ssim_y": 0.74, "ssim_daala_y": 0.76,
+                             "niqe": 5.4},
+                   "hr": {"niqe": 4.9}},
+    "Set14": {"srresnet": {"psnr_y": 28.0, "ssim_y": 0.78, "ssim_daala_y": 0.80, "niqe": 6.0}},
 }
+
+
+def test_benchmark_table_shows_distortion_and_naturalness_and_the_alpha_curve() -> None:
+    text = report.table(SUMMARY)
+    assert ("| set | method | PSNR-Y (dB) | SSIM-Y (Wang) | SSIM-Y (daala) | NIQE ↓ |"
+            in text)
+    assert "| sample_val | srgan | 27.00 | 0.7400 | 0.7600 | 5.40 |" in text
+    assert "| sample_val | hr | - | - | - | 4.90 |" in text
+    assert "alpha_0.5 |" not in text.split("Perception-distortion")[0]  # blends: own table
+    assert ("| sample_val | 26.00 / 7.50 | 27.50 / 6.70 | 27.30 / 6.10 | 27.00 / 5.40 | "
+            "- / 4.90 |") in text
+    assert "SRResNet α=0 | α=0.5 | SRGAN α=1 | HR |" in text
 
 
 def test_report_sets_our_numbers_beside_table_2_like_for_like() -> None:
@@ -173,11 +223,12 @@ def test_report_sets_our_numbers_beside_table_2_like_for_like() -> None:
     assert (row["paper PSNR"], row["paper SSIM (daala)"]) == (28.49, 0.8184)
     assert row["Δ PSNR"] == pytest.approx(-0.49)
     assert row["Δ SSIM (daala)"] == pytest.approx(0.80 - 0.8184)  # daala against daala
-    text = report.table(SUMMARY)
-    assert "SSIM-Y (Wang)" in text and "SSIM-Y (daala)" in text
-    assert ("| Set14 | srresnet | 28.00 | 0.7800 | 0.8000 | 28.49 | 0.8184 | -0.49 | -0.0184 |"
-            in text)
-    assert "| sample_test | bicubic | 24.50 | 0.7000 | 0.7200 | - | - | - | - |" in text
+    assert (row["NIQE ↓"], row["paper MOS ↑"]) == (6.0, 2.98)  # beside, never subtracted
+    text = report.markdown(frame)
+    assert ("| Set14 | srresnet | 28.00 | 28.49 | -0.49 | 0.8000 | 0.8184 | -0.0184 | 6.00 | "
+            "2.98 |") in text
+    assert "| sample_val | bicubic | 26.00 | - | - | 0.7200 | - | - | 7.50 | - |" in text
+    assert "hr" not in set(frame["method"])
 
 
 def test_srgan_report_reads_metrics_json(tmp_path: Path,
@@ -188,4 +239,10 @@ def test_srgan_report_reads_metrics_json(tmp_path: Path,
     (tmp_path / "metrics" / "evaluate.json").write_text(json.dumps(SUMMARY))
     assert cli.main(["--root", str(tmp_path), "report"]) == 0
     out = capsys.readouterr().out
-    assert "| Set14 | srresnet | 28.00 |" in out and "daala" in out
+    assert "| Set14 | srresnet | 28.00 |" in out and "daala" in out and "MOS" in out
+    assert "paper columns are empty" not in out
+    only_val = {"sample_val": SUMMARY["sample_val"]}
+    (tmp_path / "metrics" / "evaluate.json").write_text(json.dumps(only_val))
+    assert cli.main(["--root", str(tmp_path), "report"]) == 0
+    # The default profile says how to fill the paper's columns instead of printing dashes only.
+    assert "srgan params apply configs/shared-benchmarks.yaml" in capsys.readouterr().out
