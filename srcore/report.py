@@ -34,6 +34,20 @@ PAPER_TABLE2: dict[str, dict[str, PaperRow]] = {
                "srresnet": PaperRow(27.58, 0.7620, 2.29), "srgan": PaperRow(25.16, 0.6688, 3.56)},
 }
 
+#: Published no-reference figures for SRGAN-class models on the paper's sets, lower is better:
+#: the perceptual index PI = ((10 - Ma) + NIQE) / 2 of the PIRM 2018 challenge (MATLAB, Y,
+#: 4-pixel crop). PI is not NIQE (it adds Ma's score), so it stands beside our NIQE to place
+#: the methods, never as a difference. Sources (README, "Perception"): SPSR's published table
+#: (Ma et al., CVPR 2020, github.com/Maclory/SPSR; its SRGAN row is the tensorlayer
+#: re-implementation) and EUSR-PCL's (Choi et al., Neurocomputing 2019, arXiv 1809.04789;
+#: BSD100 only, SRGAN-VGG54 as Ledig et al. released it).
+PUBLISHED_PI: dict[str, dict[str, tuple[float, str]]] = {
+    "set5": {"bicubic": (7.3699, "SPSR"), "srgan": (3.9820, "SPSR")},
+    "set14": {"bicubic": (7.0268, "SPSR"), "srgan": (3.0851, "SPSR")},
+    "bsd100": {"bicubic": (6.995, "EUSR-PCL"), "srresnet": (5.217, "EUSR-PCL"),
+               "srgan": (2.351, "EUSR-PCL")},
+}
+
 Summary = dict[str, dict[str, dict[str, float]]]
 
 #: Column heading of each metric key; each SSIM says which SSIM it is, arrows give direction.
@@ -135,6 +149,9 @@ def comparison_frame(summary: Summary) -> pd.DataFrame:
             row["Δ SSIM (daala)"] = row["SSIM-Y (daala)"] - row["paper SSIM (daala)"]  # type: ignore[operator]
             row["NIQE ↓"] = values.get("niqe", math.nan)
             row["paper MOS ↑"] = paper.mos if paper else math.nan
+            published = PUBLISHED_PI.get(set_name.lower(), {}).get(method)
+            row["published PI ↓"] = (f"{published[0]:.2f} ({published[1]})" if published
+                                     else math.nan)
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -153,7 +170,10 @@ def report(metrics_path: Path) -> str:
         "PSNR and SSIM on Y (BT.601) after a border crop. The paper's SSIM is daala's "
         "(σ = 1.5·H/256); compare it with the SSIM-Y (daala) column, not with Wang's. The "
         "paper's MOS (1-5, 26 raters) has no offline equivalent; NIQE (no-reference, lower is "
-        "more natural) is our stand-in, shown beside it, not subtracted from it.")
+        "more natural) is our stand-in, shown beside it, not subtracted from it. 'published PI' "
+        "is the PIRM perceptual index ((10 - Ma) + NIQE) / 2 that SPSR (Ma et al. 2020) and "
+        "EUSR-PCL (Choi et al. 2019) report for these sets: a no-reference score on a "
+        "related scale, to place the methods, not to subtract.")
     if not any(s.lower() in PAPER_TABLE2 for s in summary):
         text += ("\n\nThe paper columns are empty because none of its sets (Set5, Set14, "
                  "BSD100) was evaluated. Add them with `srgan params apply "

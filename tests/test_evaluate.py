@@ -226,8 +226,10 @@ def test_report_sets_our_numbers_beside_table_2_like_for_like() -> None:
     assert (row["NIQE ↓"], row["paper MOS ↑"]) == (6.0, 2.98)  # beside, never subtracted
     text = report.markdown(frame)
     assert ("| Set14 | srresnet | 28.00 | 28.49 | -0.49 | 0.8000 | 0.8184 | -0.0184 | 6.00 | "
-            "2.98 |") in text
-    assert "| sample_val | bicubic | 26.00 | - | - | 0.7200 | - | - | 7.50 | - |" in text
+            "2.98 | - |") in text
+    assert "| sample_val | bicubic | 26.00 | - | - | 0.7200 | - | - | 7.50 | - | - |" in text
+    published = report.comparison_frame({"BSD100": {"srgan": {"psnr_y": 25.0, "niqe": 3.5}}})
+    assert published["published PI ↓"].item() == "2.35 (EUSR-PCL)"
     assert "hr" not in set(frame["method"])
 
 
