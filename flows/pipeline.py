@@ -46,8 +46,9 @@ class StageFailed(RuntimeError):
 def retry_only_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect retry condition: a missing folder or a bad archive fails the same way twice,
     so only network errors earn the task-level retries (the download itself already retried
-    with a few seconds of backoff; these come 30 s and 2 min later, for longer outages)."""
-    return isinstance(state.data, TRANSIENT)
+    with a few seconds of backoff; these come 30 s and 2 min later, for longer outages).
+    A DownloadError says whether it is one: a 404 is not, an unreachable host is."""
+    return isinstance(state.data, TRANSIENT) and getattr(state.data, "transient", True)
 
 
 @task(name="download datasets", retries=2, retry_delay_seconds=[30, 120],

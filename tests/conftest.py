@@ -32,6 +32,7 @@ os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["SRGAN_DOWNLOAD_CACHE"] = str(_SESSION_TMP / "downloads")
+os.environ["SRGAN_VGG19_URL"] = ""  # never fetch the real VGG19 (548 MB); tests serve their own
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 # Subprocesses (dvc, srgan) must come from this interpreter's environment, activated or not.
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")

@@ -68,9 +68,9 @@ def send_status(h: BaseHTTPRequestHandler, status: int) -> None:
     h.end_headers()
 
 
-@pytest.fixture
-def serve() -> Iterator[Callable[[Behaviour], tuple[str, Seen]]]:
-    """Start a server with a given behaviour; returns (url, Seen)."""
+@contextlib.contextmanager
+def http_servers() -> Iterator[Callable[[Behaviour], tuple[str, Seen]]]:
+    """Yields start(behaviour) -> (url, Seen); every server started stops on exit."""
     servers: list[ThreadingHTTPServer] = []
     release = threading.Event()  # lets deliberately hanging handlers exit at teardown
 
@@ -98,11 +98,20 @@ def serve() -> Iterator[Callable[[Behaviour], tuple[str, Seen]]]:
         servers.append(server)
         return f"http://127.0.0.1:{server.server_address[1]}/data.bin", seen
 
-    yield start
-    release.set()
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    try:
+        yield start
+    finally:
+        release.set()
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Behaviour], tuple[str, Seen]]]:
+    """Start a server with a given behaviour; returns (url, Seen)."""
+    with http_servers() as start:
+        yield start
 
 
 def leftovers(directory: Path) -> list[str]:
@@ -200,13 +209,57 @@ def test_checksum_mismatch_removes_everything(serve, tmp_path: Path) -> None:
     assert not (tmp_path / "data.bin.part").exists()
 
 
-def test_404_fails_immediately(serve, tmp_path: Path) -> None:
-    url, seen = serve(lambda h, i: send_status(h, 404))
+@pytest.mark.parametrize("status", [404, 403, 410, 400])
+def test_a_client_error_fails_at_once_and_says_it_is_permanent(serve, tmp_path: Path,
+                                                               status: int) -> None:
+    url, seen = serve(lambda h, i: send_status(h, status))
     dest = tmp_path / "data.bin"
-    with pytest.raises(DownloadError, match="HTTP 404 for") as err:
+    with pytest.raises(DownloadError) as err:
         download(url, dest, retries=3, backoff=0.01, progress=False)
-    assert url in str(err.value)
-    assert seen.count == 1
+    assert str(err.value) == f"HTTP {status} for {url} (a retry will not help)"
+    assert err.value.transient is False
+    assert seen.count == 1  # never retried
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("status", [408, 429, 503])
+def test_timeouts_rate_limits_and_5xx_are_retried_then_transient(serve, tmp_path: Path,
+                                                                 status: int) -> None:
+    url, seen = serve(lambda h, i: send_status(h, status))
+    with pytest.raises(DownloadError) as err:
+        download(url, tmp_path / "data.bin", retries=2, backoff=0.01, progress=False)
+    assert err.value.transient is True
+    assert str(err.value) == f"giving up on {url} after 3 attempt(s): HTTP {status}"
+    assert seen.count == 3
+
+
+def test_a_408_then_success_is_a_success(serve, tmp_path: Path) -> None:
+    url, seen = serve(lambda h, i: send_status(h, 408) if i == 0 else send_body(h, PAYLOAD))
+    download(url, tmp_path / "data.bin", sha256=PAYLOAD_SHA, backoff=0.01, progress=False)
+    assert seen.count == 2
+
+
+def test_connection_refused_is_transient(tmp_path: Path) -> None:
+    from tests.conftest import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/data.bin"
+    with pytest.raises(DownloadError, match="connection failed") as err:
+        download(url, tmp_path / "data.bin", retries=1, backoff=0.01, progress=False)
+    assert err.value.transient is True
+
+
+def test_a_body_cut_without_content_length_fails_its_checksum(serve, tmp_path: Path) -> None:
+    """Without Content-Length a cut looks like the end at the socket; only the digest (or the
+    caller's content check, see test_sources) can tell, and nothing is left behind."""
+    def behaviour(h: BaseHTTPRequestHandler, index: int) -> None:
+        h.send_response(200)  # HTTP/1.0, no length: the body ends when the server hangs up
+        h.end_headers()
+        h.wfile.write(PAYLOAD[: len(PAYLOAD) // 2])
+
+    url, _ = serve(behaviour)
+    with pytest.raises(DownloadError, match="sha256 mismatch") as err:
+        download(url, tmp_path / "data.bin", sha256=PAYLOAD_SHA, backoff=0.01, progress=False)
+    assert err.value.transient is False
     assert leftovers(tmp_path) == []
 
 

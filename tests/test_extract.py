@@ -14,7 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from srcore.data.extract import UnsafeArchiveError, extract_archive
+from srcore.data.extract import (
+    CorruptArchiveError,
+    UnsafeArchiveError,
+    extract_archive,
+    verify_archive,
+)
 
 FILES = {"imgs/0001.png": b"\x89PNG fake 1" * 100, "imgs/sub/0002.png": b"two" * 1000,
          "README.txt": b"hello\n"}
@@ -215,7 +220,7 @@ def test_zip_lying_header_stops_writing(scratch: Path) -> None:
     raw[cd + 24 : cd + 28] = (100).to_bytes(4, "little")
     archive.write_bytes(bytes(raw))
     target = scratch / "out"
-    with pytest.raises((UnsafeArchiveError, zipfile.BadZipFile)):
+    with pytest.raises((UnsafeArchiveError, CorruptArchiveError)):
         extract_archive(archive, target)
     assert_untouched(scratch, archive, target)
 
@@ -239,3 +244,66 @@ def test_copy_refuses_more_bytes_than_declared(tmp_path: Path) -> None:
         _copy_limited(io.BytesIO(b"x" * 5000), tmp_path / "a", entry, budget_left=10**9)
     with pytest.raises(UnsafeArchiveError, match="'liar.bin'.*total size limit"):
         _copy_limited(io.BytesIO(b"x" * 100), tmp_path / "b", entry, budget_left=10)
+
+
+# ------------------------------------------------------------ verify_archive: complete or not
+
+def _three_member_tar(path: Path, mode: str) -> bytes:
+    import random
+
+    members = [tar_file_info(f"imgs/{i}.png", random.Random(i).randbytes(3000)) for i in range(3)]
+    make_tar(path, members, mode)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("mode,suffix", [("w", ".tar"), ("w:gz", ".tgz"), ("w:bz2", ".tbz2"),
+                                         ("w:xz", ".txz")])
+def test_verify_accepts_a_complete_tar_and_refuses_every_cut(scratch: Path, mode: str,
+                                                             suffix: str) -> None:
+    archive = scratch / f"data{suffix}"
+    full = _three_member_tar(archive, mode)
+    verify_archive(archive)
+    # 3584 and 7168 end exactly on a member boundary: tarfile alone reads those as complete.
+    cuts = [512, 3584, 7168, len(full) // 2] if mode == "w" else [100, len(full) // 2,
+                                                                    len(full) - 9]
+    for cut in cuts:
+        archive.write_bytes(full[:cut])
+        with pytest.raises(CorruptArchiveError, match="cut short") as err:
+            verify_archive(archive)
+        assert str(archive) in str(err.value), cut
+    assert sorted(p.name for p in scratch.iterdir()) == [archive.name]  # wrote nothing
+
+
+def test_verify_checks_zip_central_directory_and_crcs(scratch: Path) -> None:
+    archive = make_zip(scratch / "data.zip", FILES)
+    verify_archive(archive)
+    full = archive.read_bytes()
+    archive.write_bytes(full[:-10])  # the end-of-central-directory record is gone
+    with pytest.raises(CorruptArchiveError, match="neither a zip nor a tar"):
+        verify_archive(archive)
+    damaged = bytearray(make_zip(scratch / "stored.zip", FILES,
+                                 level=zipfile.ZIP_STORED).read_bytes())
+    damaged[damaged.index(b"twotwo")] ^= 0xFF  # same size, one byte of data changed
+    (scratch / "stored.zip").write_bytes(bytes(damaged))
+    with pytest.raises(CorruptArchiveError, match="Bad CRC-32 for file 'imgs/sub/0002.png'"):
+        verify_archive(scratch / "stored.zip")
+
+
+def test_verify_refuses_unsafe_archives_like_extraction(scratch: Path) -> None:
+    archive = make_tar(scratch / "bad.tar", [tar_file_info("../evil", b"evil")])
+    with pytest.raises(UnsafeArchiveError, match="'../evil'"):
+        verify_archive(archive)
+    bomb = make_zip(scratch / "bomb.zip", {"zeros.bin": b"\0" * 50_000_000})
+    with pytest.raises(UnsafeArchiveError, match="'zeros.bin'.*limit"):
+        verify_archive(bomb, max_ratio=200)
+
+
+def test_extracting_a_damaged_archive_names_it(scratch: Path) -> None:
+    archive = scratch / "data.tgz"
+    full = _three_member_tar(archive, "w:gz")
+    archive.write_bytes(full[: len(full) // 2])
+    target = scratch / "out"
+    with pytest.raises(CorruptArchiveError, match="cut short") as err:
+        extract_archive(archive, target)
+    assert str(archive) in str(err.value)
+    assert_untouched(scratch, archive, target)

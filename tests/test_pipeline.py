@@ -96,17 +96,33 @@ def test_second_run_on_a_busy_workspace_stops_clearly(tmp_path: Path) -> None:
         pass
 
 
-def test_only_network_errors_earn_download_retries() -> None:
+def test_only_network_errors_earn_download_retries(tmp_path: Path) -> None:
     from prefect.states import Failed
 
     from flows.pipeline import StageFailed, download, retry_only_transient
     from srcore.data.download import DownloadError
+    from srcore.data.download import download as fetch
+    from tests.conftest import free_port
+    from tests.test_download import http_servers, send_status
+
+    def raised_by(url: str) -> DownloadError:
+        with pytest.raises(DownloadError) as err:
+            fetch(url, tmp_path / "x.zip", retries=1, backoff=0.01, progress=False)
+        return err.value
+
+    def retried(err: BaseException) -> bool:
+        return bool(retry_only_transient(None, None, Failed(data=err)))
 
     assert download.retries == 2 and download.retry_condition_fn is retry_only_transient
-    assert retry_only_transient(None, None, Failed(data=DownloadError("giving up on http://x")))
-    assert retry_only_transient(None, None, Failed(data=TimeoutError("read timed out")))
-    assert not retry_only_transient(
-        None, None, Failed(data=StageFailed("stage 'download' failed: no such folder")))
+    with http_servers() as start:
+        url_404, _ = start(lambda h, i: send_status(h, 404))
+        url_503, _ = start(lambda h, i: send_status(h, 503))
+        # A 404 (any 4xx but 408/429) cannot succeed later: no 30 s + 2 min of waiting for it.
+        assert not retried(raised_by(url_404))
+        assert retried(raised_by(url_503))
+    assert retried(raised_by(f"http://127.0.0.1:{free_port()}/x.zip"))  # nobody listening
+    assert retried(TimeoutError("read timed out"))
+    assert not retried(StageFailed("stage 'download' failed: no such folder"))
 
 
 @pytest.mark.usefixtures("prefect_api")

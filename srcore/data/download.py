@@ -10,13 +10,17 @@ Behaviour choices the caller should know:
 * ``retries`` is the number of *extra* attempts: ``retries=3`` means at most 4 requests.
   Every attempt counts, including one that made progress before dropping, so a server
   that trickles bytes cannot loop forever.
-* When retries are exhausted on connection errors/timeouts/5xx, a partial ``.part`` is
+* When retries are exhausted on connection errors/timeouts/408/429/5xx, a partial ``.part`` is
   **kept** so that the next call resumes from it. A ``.part`` is **deleted** on a checksum
   mismatch (it cannot be trusted) and when the server proves it inconsistent.
 * An existing ``dest`` is not checked or skipped: the caller decides whether to download;
   if it does, ``dest`` is replaced atomically once the new file is verified.
 * Only ``http://`` and ``https://`` are handled; ``file://`` and local paths are the
   caller's job.
+* A 4xx answer (except 408 and 429) is final: it is never retried, and the ``DownloadError``
+  says so with ``transient=False``, so an orchestrator does not retry it either.
+* A body sent without ``Content-Length`` that the server cuts short looks complete at the
+  socket: only a checksum (``sha256``) or the caller's own content check can tell.
 """
 
 from __future__ import annotations
@@ -33,18 +37,38 @@ import requests
 from tqdm import tqdm
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
 
-__all__ = ["DownloadError", "download", "sha256_file"]
+__all__ = ["ChecksumMismatch", "DownloadError", "download", "sha256_file"]
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 16
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_HEX_RE = re.compile(r"^[0-9a-f]{0,64}$")
 _CONTENT_RANGE_RE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
 _UNSATISFIED_RANGE_RE = re.compile(r"^bytes\s+\*/(\d+)$")
+#: 4xx answers that mean "not now" rather than "never": request timeout, rate limit.
+_TRANSIENT_STATUS = frozenset({408, 429})
 
 
 class DownloadError(RuntimeError):
-    """A download failed for good; the message always names the URL and the reason."""
+    """A download failed; the message always names the URL and the reason.
+
+    ``transient`` tells whether a later attempt may succeed (the network or the server was
+    down: connection errors, timeouts, 408, 429, 5xx) or never will (any other 4xx, a wrong
+    checksum, an unsupported URL, a local disk error).
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class ChecksumMismatch(DownloadError):
+    """The whole body arrived but its sha256 is not the expected one; nothing was kept."""
+
+    def __init__(self, url: str, wanted: str, actual: str) -> None:
+        super().__init__(f"sha256 mismatch for {url}: expected {wanted}, got {actual}")
+        self.actual = actual
 
 
 class _Retryable(Exception):
@@ -58,6 +82,20 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _root_cause(exc: BaseException) -> str:
+    """requests wraps urllib3 wraps the socket error; the innermost one says what happened
+    ("Connection refused", "Name or service not known") without three layers of reprs."""
+    for _ in range(10):
+        inner = getattr(exc, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else None
+        inner = inner or exc.__cause__ or exc.__context__
+        if inner is None:
+            break
+        exc = inner
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 def _part_path(dest: Path) -> Path:
@@ -98,7 +136,7 @@ def _attempt(
     try:
         resp = session.get(url, headers=headers, stream=True, timeout=(timeout, timeout))
     except (requests.ConnectionError, requests.Timeout) as exc:
-        raise _Retryable(f"connection failed: {exc}") from exc
+        raise _Retryable(f"connection failed: {_root_cause(exc)}") from exc
     except requests.RequestException as exc:
         raise DownloadError(f"cannot download {url}: {exc}") from exc
 
@@ -115,7 +153,7 @@ def _attempt(
                     f"{match.group(1)}; discarded it"
                 )
             return
-        if status == 429 or status >= 500:
+        if status in _TRANSIENT_STATUS or status >= 500:
             raise _Retryable(f"HTTP {status}")
         if status == 200:
             mode, start = "wb", 0  # server ignored Range (or none was sent): start over
@@ -129,7 +167,8 @@ def _attempt(
                 )
             mode, start = "ab", offset
         else:
-            raise DownloadError(f"HTTP {status} for {url}")
+            reason = " (a retry will not help)" if 400 <= status < 500 else ""
+            raise DownloadError(f"HTTP {status} for {url}{reason}")
 
         length = _int_header(resp, "Content-Length")
         total = start + length if length is not None else None
@@ -180,6 +219,7 @@ def download(
     dest: Path,
     *,
     sha256: str | None = None,
+    sha256_prefix: str | None = None,
     retries: int = 3,
     timeout: float = 60.0,
     backoff: float = 1.0,
@@ -187,7 +227,8 @@ def download(
 ) -> Path:
     """Download ``url`` to ``dest`` with resume, retries and optional SHA-256 verification.
 
-    ``dest`` appears only once the full body is on disk and (if ``sha256`` is given)
+    ``dest`` appears only once the full body is on disk and (if ``sha256`` or
+    ``sha256_prefix``, the leading hex digits torch.hub reads from a file name, is given)
     verified. Returns ``dest``. Raises ``DownloadError`` naming the URL on final failure.
     """
     scheme = urlsplit(url).scheme.lower()
@@ -198,6 +239,8 @@ def download(
         expected = sha256.strip().lower()
         if not _SHA256_RE.match(expected):
             raise DownloadError(f"invalid expected sha256 {sha256!r} for {url}")
+    if sha256_prefix is not None and not _HEX_RE.match(sha256_prefix):
+        raise DownloadError(f"invalid sha256 prefix {sha256_prefix!r} for {url}")
     if retries < 0:
         raise ValueError("retries must be >= 0")
 
@@ -223,15 +266,15 @@ def download(
         else:
             kept = f"; kept {_size(part)} bytes in {part} for resume" if part.exists() else ""
             raise DownloadError(
-                f"giving up on {url} after {retries + 1} attempt(s): {last_reason}{kept}"
+                f"giving up on {url} after {retries + 1} attempt(s): {last_reason}{kept}",
+                transient=True,
             )
 
-    if expected is not None:
+    if expected is not None or sha256_prefix:
         actual = sha256_file(part)
-        if actual != expected:
+        wanted = expected or f"a digest starting with {sha256_prefix}"
+        if actual != (expected or actual) or not actual.startswith(sha256_prefix or ""):
             part.unlink(missing_ok=True)
-            raise DownloadError(
-                f"sha256 mismatch for {url}: expected {expected}, got {actual}"
-            )
+            raise ChecksumMismatch(url, wanted, actual)
     os.replace(part, dest)
     return dest

@@ -16,31 +16,57 @@ Behaviour choices the caller should know:
 * ``target`` must not exist or be an empty directory unless ``overwrite=True``, in which
   case it is replaced as a whole only after the new tree is complete.
 * Extracted files get default permissions (umask); archive modes/mtimes are not restored.
+* ``verify_archive`` reads an archive to its end without writing anything: a downloaded file
+  is only trusted once it proves complete (zip: central directory and every CRC; tar: every
+  member and the end-of-archive marker; gz/bz2/xz: the codec's own end-of-stream check).
+  Unreadable or cut archives raise ``CorruptArchiveError`` (a ``ValueError``).
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
 import os
 import re
 import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 from uuid import uuid4
 
-__all__ = ["UnsafeArchiveError", "extract_archive"]
+__all__ = ["CorruptArchiveError", "UnsafeArchiveError", "extract_archive", "verify_archive"]
 
 _MIB = 1 << 20
 _CHUNK = 1 << 20
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
+_DEFAULT_MAX_TOTAL = 20 * 2**30
+_DEFAULT_MAX_RATIO = 200.0
+#: Compressed tars are read through their codec, so a cut stream fails the codec's own check.
+_TAR_CODECS: tuple[tuple[bytes, Callable[[Path], IO[bytes]]], ...] = (
+    (b"\x1f\x8b", gzip.GzipFile),
+    (b"BZh", bz2.BZ2File),
+    (b"\xfd7zXZ\x00", lzma.LZMAFile),
+)
+#: What the readers raise for a cut or damaged file (as opposed to a hostile one).
+_READ_ERRORS: tuple[type[BaseException], ...] = (
+    tarfile.ReadError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError,
+    gzip.BadGzipFile, NotImplementedError,
+)
 
 
 class UnsafeArchiveError(ValueError):
     """The archive (named entry) would escape the target, create a link, or is a bomb."""
+
+
+class CorruptArchiveError(ValueError):
+    """The file is not a complete, readable zip or tar archive (cut short, damaged, or neither).
+    Unlike an unsafe archive, downloading it again may help."""
 
 
 @dataclass(frozen=True)
@@ -276,19 +302,26 @@ def _place(tmp: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _not_an_archive(archive: Path) -> CorruptArchiveError:
+    return CorruptArchiveError(
+        f"{archive} is neither a zip nor a tar archive (or it is cut short)"
+    )
+
+
 def extract_archive(
     archive: Path,
     target: Path,
     *,
-    max_total_bytes: int = 20 * 2**30,
-    max_ratio: float = 200.0,
+    max_total_bytes: int = _DEFAULT_MAX_TOTAL,
+    max_ratio: float = _DEFAULT_MAX_RATIO,
     overwrite: bool = False,
 ) -> list[Path]:
     """Validate every entry of ``archive``, then extract it atomically into ``target``.
 
     Returns the extracted regular files (paths under ``target``) in archive order.
-    Raises ``UnsafeArchiveError`` naming the offending entry, ``ValueError`` for an
-    unrecognised format, ``FileExistsError`` for a non-empty target without ``overwrite``.
+    Raises ``UnsafeArchiveError`` naming the offending entry, ``CorruptArchiveError`` (a
+    ``ValueError``) for an unrecognised or damaged file, ``FileExistsError`` for a non-empty
+    target without ``overwrite``.
     """
     archive, target = Path(archive), Path(target)
     if not archive.is_file():
@@ -298,16 +331,19 @@ def extract_archive(
 
     # Tar first: a plain .tar whose last member is a zip can fool is_zipfile (it scans the
     # tail for an end-of-central-directory record), while a zip never parses as a tar.
-    if tarfile.is_tarfile(archive):
-        with tarfile.open(archive, "r:*") as tf:
-            entries = _tar_entries(tf, budget, os.fspath(target))
-            rels = _build(entries, _tar_opener(tf), target, max_total_bytes)
-    elif zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            entries = _zip_entries(zf, budget)
-            rels = _build(entries, _zip_opener(zf), target, max_total_bytes)
-    else:
-        raise ValueError(f"{archive} is neither a zip nor a tar archive")
+    try:
+        if tarfile.is_tarfile(archive):
+            with tarfile.open(archive, "r:*") as tf:
+                entries = _tar_entries(tf, budget, os.fspath(target))
+                rels = _build(entries, _tar_opener(tf), target, max_total_bytes)
+        elif zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                entries = _zip_entries(zf, budget)
+                rels = _build(entries, _zip_opener(zf), target, max_total_bytes)
+        else:
+            raise _not_an_archive(archive)
+    except _READ_ERRORS as exc:
+        raise CorruptArchiveError(f"{archive} is damaged or cut short: {exc}") from exc
     return [target / rel for rel in rels]
 
 
@@ -326,3 +362,91 @@ def _build(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return rels
+
+
+class _TailReader:
+    """A read-only stream that remembers the last block read: tarfile ends its iteration
+    silently on a zero block, a cut header or garbage alike, and only the first is the
+    end-of-archive marker of a complete tar."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.last = b""
+
+    def read(self, size: int = -1) -> bytes:
+        self.last = self.raw.read(size)
+        return self.last
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+
+def _open_tar_stream(archive: Path) -> IO[bytes]:
+    with open(archive, "rb") as fh:
+        magic = fh.read(6)
+    for prefix, opener in _TAR_CODECS:
+        if magic.startswith(prefix):
+            return opener(archive)
+    return open(archive, "rb")  # noqa: SIM115 - the caller closes it
+
+
+def _verify_tar(archive: Path, budget: _Budget) -> bool:
+    """False when ``archive`` is not a tar at all; raises when it is one but incomplete."""
+    with _open_tar_stream(archive) as raw:
+        reader = _TailReader(raw)
+        try:
+            tf = tarfile.open(fileobj=reader, mode="r:")  # type: ignore[call-overload]  # noqa: SIM115
+        except tarfile.ReadError:
+            return False
+        with tf:
+            entries = _tar_entries(tf, budget, os.fspath(archive.with_name(f".{archive.name}.d")))
+            if reader.last != tarfile.NUL * tarfile.BLOCKSIZE:
+                after = f"after entry {entries[-1].name!r}" if entries else "at its start"
+                raise CorruptArchiveError(
+                    f"{archive} is cut short or damaged {after}: no end-of-archive marker"
+                )
+        # Compressed: read on to the end of the stream, so the codec checks its trailer
+        # (length and CRC); bounded, since padding after the marker is not content.
+        for _ in range(16):
+            if not raw.read(_CHUNK):
+                break
+    return True
+
+
+def _verify_zip(archive: Path, budget: _Budget) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        for entry in _zip_entries(zf, budget):
+            if entry.is_dir:
+                continue
+            # Reads stop at the declared size (bounded by the budget); the CRC is checked at
+            # the end of each entry.
+            with zf.open(entry.member) as src:  # type: ignore[arg-type]
+                while src.read(_CHUNK):
+                    pass
+
+
+def verify_archive(
+    archive: Path,
+    *,
+    max_total_bytes: int = _DEFAULT_MAX_TOTAL,
+    max_ratio: float = _DEFAULT_MAX_RATIO,
+) -> None:
+    """Read ``archive`` to its end, writing nothing, to prove it complete and safe to extract.
+
+    Raises ``CorruptArchiveError`` when the file is not a complete zip or tar (a download cut
+    short without Content-Length ends up here), ``UnsafeArchiveError`` under the same rules
+    as ``extract_archive``. Bytes read are bounded by the same limits.
+    """
+    archive = Path(archive)
+    budget = _Budget(archive.stat().st_size, max_total_bytes, max_ratio)
+    try:
+        if _verify_tar(archive, budget):
+            return
+        if not zipfile.is_zipfile(archive):
+            raise _not_an_archive(archive)
+        _verify_zip(archive, budget)
+    except _READ_ERRORS as exc:
+        raise CorruptArchiveError(f"{archive} is damaged or cut short: {exc}") from exc
