@@ -188,6 +188,9 @@ class TrackingConfig(_Strict):
     # SRGAN may trade PSNR for naturalness, but only this far below the @champion SRResNet
     # on the gate set (the paper's Set5 gap is 2.65 dB), and never below bicubic.
     gate_psnr_budget_db: NonNegFloat
+    # The point on the perception-distortion curve a registered srgan serves when a request
+    # does not ask for one: (1 - a) SRResNet + a SRGAN, 1 = SRGAN itself.
+    serve_alpha: Annotated[float, Field(ge=0, le=1)]
 
 
 class Params(_Strict):
