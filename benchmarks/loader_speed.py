@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader
 from srcore import config
 from srcore.config import DatasetSpec
 from srcore.data.datasets import RandomCropBatches, load_pairs
-from srcore.data.prepare import prepare
 from srcore.data.sources import materialize
 from srcore.models.srresnet import SRResNet
+from srcore.stages.prepare import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ Usage: python benchmarks/train_throughput.py [--blocks 16] [--channels 64] [--ba
        [--crop 96] [--iters 4] [--warmup 1] [--device auto|cpu|cuda] [--threads N]
        [--params params.yaml] [--cpu-bf16]
 
-"project" is the step the stages run (srcore.train.make_pretrain_step / make_finetune_step)
+"project" is the step the stages run (srcore.training.steps: make_pretrain_step, ..._finetune_step)
 with the runtime settings of params.yaml: channels_last, bf16 autocast (CUDA), fused Adam,
 torch.compile when runtime.compile is on; SRResNet's tail as NarrowOutputConv2d (computed as
 a transposed convolution on CPU); for finetune, D's weights frozen during G's backward.
@@ -39,10 +39,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 
-from srcore import config, train  # noqa: E402
+from srcore import config  # noqa: E402
 from srcore.losses import ContentLoss, discriminator_loss, generator_adversarial_loss  # noqa: E402
 from srcore.models.discriminator import Discriminator  # noqa: E402
 from srcore.models.srresnet import NarrowOutputConv2d, build_generator  # noqa: E402
+from srcore.training import runtime  # noqa: E402
+from srcore.training.steps import make_finetune_step, make_pretrain_step  # noqa: E402
 
 Step = Callable[[torch.Tensor, torch.Tensor], Any]
 PAPER_GFLOP_PER_PATCH = 7.5  # SRResNet B=16, 64 ch, 96x96 HR, forward + backward
@@ -63,23 +65,23 @@ def bench_params(args: argparse.Namespace) -> config.Params:
 
 
 def project_steps(params: config.Params, g0: nn.Module, d0: nn.Module, device: torch.device,
-                  amp: train.AmpContext | None = None) -> dict[str, Step]:
-    """The stages' own steps, built the way srcore.train.pretrain/finetune build them."""
-    fmt = train.memory_format(params)
+                  amp: runtime.AmpContext | None = None) -> dict[str, Step]:
+    """The stages' own steps, built the way srcore.stages.pretrain/finetune build them."""
+    fmt = runtime.memory_format(params)
     out: dict[str, Step] = {}
     g = copy.deepcopy(g0).to(device, memory_format=fmt).train()
     p = params.pretrain
-    out["pretrain"] = train.make_pretrain_step(
-        train._maybe_compile(params, g), train.make_adam(g, p.lr, (p.beta1, p.beta2), device),
+    out["pretrain"] = make_pretrain_step(
+        runtime.maybe_compile(params, g), runtime.make_adam(g, p.lr, (p.beta1, p.beta2), device),
         params, device, amp)
     f = params.finetune
     g = copy.deepcopy(g0).to(device, memory_format=fmt).train()
     d = copy.deepcopy(d0).to(device, memory_format=fmt).train()
     content = ContentLoss(f.content_loss).to(device)
-    out["finetune"] = train.make_finetune_step(
-        train._maybe_compile(params, g), d, content,
-        train.make_adam(g, f.lr, (f.beta1, f.beta2), device),
-        train.make_adam(d, f.lr, (f.beta1, f.beta2), device), f, params, device, amp)
+    out["finetune"] = make_finetune_step(
+        runtime.maybe_compile(params, g), d, content,
+        runtime.make_adam(g, f.lr, (f.beta1, f.beta2), device),
+        runtime.make_adam(d, f.lr, (f.beta1, f.beta2), device), f, params, device, amp)
     return out
 
 
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     params = bench_params(args)
-    device = train.resolve_device(params.runtime.device)
+    device = runtime.resolve_device(params.runtime.device)
     rt = params.runtime
     if device.type == "cuda" and not rt.deterministic:
         torch.backends.cudnn.benchmark = True
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         variants["project+cpu-bf16"] = project_steps(
             params, g0, d0, device, amp=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     fmts = {"plain": torch.contiguous_format}
-    fmts.update({k: train.memory_format(params) for k in variants if k != "plain"})
+    fmts.update({k: runtime.memory_format(params) for k in variants if k != "plain"})
 
     what = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"{platform.processor() or platform.machine()}, "

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -38,5 +41,21 @@ class Layout:
     def reports(self) -> Path:
         return self.root / "reports"
 
+    @property
+    def data_check(self) -> Path:
+        """What `srgan check-data` writes: the guard output prepare depends on."""
+        return self.root / ".srgan" / "data-check.json"
+
     def model(self, name: str) -> Path:
         return self.models / f"{name}.pt"
+
+    def checkpoint(self, stage: str) -> Path:
+        return self.checkpoints / f"{stage}.pt"
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Small JSON outputs (metrics, guards), written to a temporary name and renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

@@ -399,3 +399,48 @@ def upscale_files(model: nn.Module, inputs: Sequence[str], out_dir: Path, *,
         claimed[target.resolve()] = source
         written.append(target)
     return written, failures
+
+
+def upscale_command(inputs: Sequence[str], output: str, *, model: str, tile: int,
+                    overlap: int | None, fmt: str, max_pixels: int, device: str,
+                    channels_last: bool) -> int:
+    """`srgan upscale`: images upscaled with a registered or saved generator; returns the exit
+    status, min(failures, 100), so 0 means every image was written.
+
+    Not a pipeline stage: it reads no params.yaml. Bad inputs are reported one by one and the
+    rest still run; `model` is models:/NAME@ALIAS, models:/NAME/VERSION, runs:/... or a .pt.
+    """
+    from srcore import tracking
+    from srcore.stages import UserError
+    from srcore.training.checkpoints import load_generator_file
+    from srcore.training.runtime import resolve_device
+
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file; -o takes a folder for the upscaled images")
+    if model.startswith(("models:/", "runs:/")):
+        uri = tracking.tracking_uri()
+        if uri == tracking.DEFAULT_URI and not Path("mlflow.db").is_file():
+            raise UserError(f"{model}: no mlflow.db here; run from the project root, set "
+                            "MLFLOW_TRACKING_URI, or pass --model models/srgan.pt")
+        try:
+            generator = tracking.load_generator(model)
+        except tracking.RegistryError as err:
+            raise UserError(str(err)) from None
+    else:
+        generator = load_generator_file(Path(model))
+    try:
+        where = resolve_device(device)
+    except RuntimeError as err:
+        raise UserError(f"--device cuda: {err}") from None
+    generator = generator.to(where).eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    generator = generator.to(memory_format=memory_format)
+    written, failures = upscale_files(
+        generator, inputs, out, tile=tile, overlap=overlap, fmt=fmt, max_pixels=max_pixels,
+        device=where, memory_format=memory_format)
+    total = len(written) + len(failures)
+    print(f"srgan upscale: wrote {len(written)} of {total} image(s) to {output}"
+          + (f"; {len(failures)} failed: " + ", ".join(f.source for f in failures)
+             if failures else ""))
+    return min(len(failures), 100)

@@ -11,7 +11,8 @@ import torch
 from srcore import config
 from srcore.data.datasets import Pair, RandomCropBatches, load_pairs
 from srcore.data.images import ImageError, save_png
-from srcore.train import batches, memory_format
+from srcore.training.loop import batches
+from srcore.training.runtime import memory_format
 from tests.conftest import tiny_params_dict
 
 S = 4

@@ -27,9 +27,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from srcore import config, distributed, train
+from srcore import config
 from srcore.data.datasets import Pair, RandomCropBatches
 from srcore.layout import Layout
+from srcore.models.srresnet import build_generator
+from srcore.stages import finetune, pretrain
+from srcore.training import distributed
 from tests.conftest import make_prepared_sets, tiny_params_dict, write_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +40,7 @@ REL_TO_UPDATE, NOISE_ATOL = 1e-3, 5e-5
 
 WORKER = '''
 """One torchrun process: joins the Gloo group, runs `srgan pretrain` through cli.main as
-`torchrun -m srcore.cli pretrain` does (killed, then resumed), then fine-tunes (train.finetune,
+`torchrun -m srcore.cli pretrain` does (killed, then resumed), then fine-tunes (finetune.train,
 without MLflow: its stage code is pretrain's), keeping its weights so ranks can be compared."""
 import os, shutil, sys
 from datetime import timedelta
@@ -46,8 +49,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from srcore import cli, config, distributed, train
+from srcore import cli, config
 from srcore.layout import Layout
+from srcore.stages import finetune, pretrain
+from srcore.training import distributed, steps
 
 rank = int(os.environ["RANK"])
 out, root = Path(sys.argv[1]), Path(sys.argv[2 + rank])  # a project copy per rank (machine)
@@ -79,17 +84,17 @@ def interrupting(real, after):
     return factory
 
 
-train.pretrain, train.finetune = keep(train.pretrain, "pretrain"), keep(train.finetune, "finetune")
+pretrain.train, finetune.train = keep(pretrain.train, "pretrain"), keep(finetune.train, "finetune")
 args = ["--params", str(root / "params.yaml"), "--root", str(root)]
-real_step = train.make_pretrain_step
-train.make_pretrain_step = interrupting(real_step, 3)  # last checkpoint: iteration 2
+real_step = steps.make_pretrain_step
+steps.make_pretrain_step = interrupting(real_step, 3)  # last checkpoint: iteration 2
 codes = [cli.main([*args, "pretrain"])]
-train.make_pretrain_step = real_step
+steps.make_pretrain_step = real_step
 codes.append(cli.main([*args, "pretrain"]))  # resumes from rank 0's checkpoint
 if rank:  # another machine fetches the stage's output (dvc pull, a copy)
     (root / "models").mkdir(exist_ok=True)
     shutil.copyfile(Path(sys.argv[2]) / "models" / "srresnet.pt", root / "models" / "srresnet.pt")
-train.finetune(config.load(root / "params.yaml"), Layout(root), distributed.NullTracker())
+finetune.train(config.load(root / "params.yaml"), Layout(root), distributed.NullTracker())
 dist.destroy_process_group()
 print(f"rank {rank} exit codes {codes}", flush=True)
 sys.exit(0 if codes == [130, 0] else 1)
@@ -251,12 +256,12 @@ def test_two_gloo_processes_train_what_one_process_trains(
     params = config.parse(_raw(distributed_on=False))
     ref = _project(tmp_path / "single", prepared, _raw(distributed_on=False))
     torch.manual_seed(params.seed)
-    start = train.build_generator(params.model, params.scale).state_dict()
-    want, _ = train.pretrain(params, ref, _Quiet())
+    start = build_generator(params.model, params.scale).state_dict()
+    want, _ = pretrain.train(params, ref, _Quiet())
     _assert_same_training(ranks["pretrain"][0], want, start)
     ref.models.mkdir()
     shutil.copyfile(main / "models" / "srresnet.pt", ref.model("srresnet"))
-    want_ft, _ = train.finetune(params, ref, _Quiet())
+    want_ft, _ = finetune.train(params, ref, _Quiet())
     _assert_same_training(ranks["finetune"][0], want_ft, saved)
 
     # rank 0 alone talks to MLflow and writes; rank 1's disk holds only what it was given

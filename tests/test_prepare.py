@@ -12,7 +12,8 @@ from PIL import Image
 from srcore import config
 from srcore.data.degrade import bicubic_lr
 from srcore.data.images import ImageError
-from srcore.data.prepare import MissingDataError, prepare
+from srcore.stages.check_data import MissingDataError
+from srcore.stages.prepare import prepare
 from tests.conftest import make_images, tiny_params_dict
 
 

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from srcore import cli, config, tracking
 from srcore.layout import Layout
 from srcore.models.srresnet import SRResNet
+from srcore.stages.evaluate import registry_gate
 from tests.conftest import tiny_params_dict
 
 Register = Callable[..., str]
@@ -213,7 +214,7 @@ def test_evaluate_gate_tags_the_versions_named_in_the_training_metrics(
                                             "ssim_daala_y": 0.77},
                                "srgan": {"psnr_y": 25.0, "ssim_y": 0.7, "ssim_daala_y": 0.7}}}
     params = config.parse(tiny_params_dict())
-    decisions = cli._registry_gate(params, layout, summary, "sample_test")
+    decisions = registry_gate(params, layout, summary, "sample_test")
     assert [(d.name, d.version, d.decision) for d in decisions] == [("srresnet", v1,
                                                                      "promoted")]
     assert _tags("srresnet", v1)["metric.sample_test.ssim_daala_y"] == "0.77"

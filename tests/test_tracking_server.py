@@ -17,7 +17,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from srcore import cli, tracking, train
+from srcore import cli, tracking
+from srcore.training import checkpoints
 from tests.conftest import (
     free_port,
     make_prepared_sets,
@@ -89,7 +90,7 @@ def test_pretrain_logs_registers_and_serves_through_an_http_tracking_server(
     mlflow.set_tracking_uri(uri)
     served = mlflow.pytorch.load_model("models:/srresnet/1", map_location="cpu")
     timings["load"] = time.perf_counter() - t0
-    local = train.load_generator_file(root / "models" / "srresnet.pt")
+    local = checkpoints.load_generator_file(root / "models" / "srresnet.pt")
     with torch.no_grad():
         for h, w in ((10, 12), (7, 9)):
             x = torch.rand(2, 3, h, w)

@@ -16,7 +16,7 @@ from srcore import cli
 from srcore.data.images import list_images, load_image
 from srcore.metrics import psnr_y
 from srcore.models.srresnet import SRResNet
-from srcore.train import save_generator
+from srcore.training.checkpoints import save_generator
 from srcore.upscale import (
     default_overlap,
     lr_to_tensor,

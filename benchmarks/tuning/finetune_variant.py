@@ -26,7 +26,8 @@ from srcore.losses import ContentLoss
 from srcore.metrics import psnr_y
 from srcore.models.discriminator import Discriminator
 from srcore.models.srresnet import SRResNet
-from srcore.train import make_adam, make_finetune_step
+from srcore.training.runtime import make_adam
+from srcore.training.steps import make_finetune_step
 
 DEFAULTS: dict[str, Any] = dict(init="", iters=200, lr=1e-4, lr2=1e-5, adv=1e-3, blocks=16,
                                 crop=64, batch=16, ema=0.0, threads=1, name="ft",

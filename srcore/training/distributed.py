@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from srcore.config import ConfigError, RuntimeConfig
+from srcore.training.runtime import resolve_device
 
 T = TypeVar("T")
 
@@ -61,18 +62,6 @@ def launched_world_size() -> int | None:
     """WORLD_SIZE set by torchrun (or any env:// launcher); None for a plain process."""
     value = os.environ.get("WORLD_SIZE")
     return int(value) if value and "RANK" in os.environ else None
-
-
-def resolve_device(name: str) -> torch.device:
-    """runtime.device as a torch.device; under a process group each process owns the GPU of
-    its LOCAL_RANK (torchrun --nproc_per_node = GPUs per machine)."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device is 'cuda' but no CUDA device is visible; use auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and _initialized():
-        return torch.device("cuda", current().local_rank)
-    return torch.device(name)
 
 
 def _say(message: str) -> None:
@@ -295,7 +284,7 @@ def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
 
 def plain_batchnorm(module: nn.Module) -> nn.Module:
     """Undo sync_batchnorm, so the saved and logged model runs without a process group and
-    unpickles without srcore.distributed."""
+    unpickles without srcore.training.distributed."""
 
     def make(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
         return nn.BatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine,

@@ -1,4 +1,9 @@
-"""The prepare stage: HR images cropped to a multiple of the scale, and their bicubic LR."""
+"""`srgan prepare`: training and benchmark pairs, HR cropped to a multiple of the scale and
+its MATLAB-bicubic LR, in prepared/<set>/{HR,LR}/.
+
+One folder per set, so adding a test set never touches what training reads; the LR is made
+once here, not per epoch, so every later stage sees the same degradation.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,25 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from srcore import tracking
 from srcore.config import Params
 from srcore.data.degrade import bicubic_lr, modcrop
 from srcore.data.images import ImageError, list_images, load_image, save_png
+from srcore.layout import Layout
+from srcore.stages.check_data import MissingDataError
 
 
-class MissingDataError(FileNotFoundError):
-    """data/ lacks a configured dataset; the message says how to get it."""
+def run(params: Params, layout: Layout) -> None:
+    """Rebuild prepared/ from data/ as a whole, then log the pair counts."""
+    # 1. params: scale, prepare.gaussian_sigma and the configured sets (read by prepare())
+    logged = {"scale": params.scale, "prepare.gaussian_sigma": params.prepare.gaussian_sigma}
+    with tracking.stage_run(params.tracking.experiment, "prepare") as tracker:
+        # 2. inputs: data/<set>/ | 3. work | 4. outputs: prepared/ (swapped in whole)
+        counts = prepare(params, layout.data, layout.prepared)
+        # 4. outputs: the params and the pairs per set in MLflow
+        tracker.log_params(logged)
+        tracker.log_metrics({f"pairs/{k}": v for k, v in counts.items()})
+    print("prepared " + ", ".join(f"{k}: {v} pairs" for k, v in counts.items()))
 
 
 def prepare(params: Params, data_dir: Path, out_dir: Path) -> dict[str, int]:

@@ -26,11 +26,14 @@ import pytest
 import torch
 from torch import nn
 
-from srcore import config, train
+from srcore import config
 from srcore.layout import Layout
 from srcore.losses import ContentLoss
 from srcore.models.discriminator import Discriminator
 from srcore.models.srresnet import SRResNet, build_generator
+from srcore.stages import finetune, pretrain
+from srcore.training import checkpoints, loop, runtime, steps
+from srcore.training.checkpoints import CheckpointMismatch, UnreadableWeights
 from tests.conftest import make_prepared_sets, tiny_params_dict, write_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,14 +86,14 @@ def _save_srresnet(layout: Layout, raw: dict[str, Any], seed: int = 1, **spec: A
     torch.manual_seed(seed)
     model = dict(raw["model"], **spec)
     g = SRResNet(model["blocks"], model["channels"], raw["scale"], model["global_skip"])
-    train.save_generator(g, layout.model("srresnet"), {})
+    checkpoints.save_generator(g, layout.model("srresnet"), {})
 
 
 def _interrupt_after(monkeypatch: pytest.MonkeyPatch, name: str, calls: int) -> None:
     """Make the stage's step raise (like a kill) on call `calls + 1`."""
-    real = getattr(train, name)
+    real = getattr(steps, name)
 
-    def factory(*args: Any, **kwargs: Any) -> train.StepFn:
+    def factory(*args: Any, **kwargs: Any) -> steps.StepFn:
         step, count = real(*args, **kwargs), [0]
 
         def wrapped(lr: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
@@ -101,7 +104,7 @@ def _interrupt_after(monkeypatch: pytest.MonkeyPatch, name: str, calls: int) -> 
 
         return wrapped
 
-    monkeypatch.setattr(train, name, factory)
+    monkeypatch.setattr(steps, name, factory)
 
 
 def _assert_same_weights(a: nn.Module | dict, b: nn.Module | dict) -> None:
@@ -189,7 +192,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_result(
 
     # the same seed and params, never interrupted (in this process: same kernels, 1 thread)
     params, straight = _project(tmp_path / "straight", prepared_sets, raw)
-    want, _ = train.pretrain(params, straight, FakeTracker())
+    want, _ = pretrain.train(params, straight, FakeTracker())
     got = torch.load(root / "models" / "srresnet.pt", weights_only=True)["state_dict"]
     _assert_same_weights(want, got)
 
@@ -212,14 +215,14 @@ def test_interrupted_finetune_with_ema_resumes_exactly(
     for layout in (straight, resumed):
         _save_srresnet(layout, raw)
     want_tracker = FakeTracker()
-    want, _ = train.finetune(params, straight, want_tracker)
+    want, _ = finetune.train(params, straight, want_tracker)
 
     with monkeypatch.context() as m:
         _interrupt_after(m, "make_finetune_step", 6)  # last checkpoint: 4, lr drops after 5
         with pytest.raises(KeyboardInterrupt):
-            train.finetune(params, resumed, FakeTracker())
+            finetune.train(params, resumed, FakeTracker())
     tracker = FakeTracker()
-    got, _ = train.finetune(params, resumed, tracker)
+    got, _ = finetune.train(params, resumed, tracker)
     assert "finetune: resuming from" in capsys.readouterr().err
     assert tracker.metrics["finetune/resumed_at"] == {4: 4.0}
     _assert_same_weights(want, got)
@@ -241,7 +244,7 @@ def test_cosine_pretrain_anneals_to_zero_and_resumes_on_the_curve(
     params, straight = _project(tmp_path / "a", prepared_sets, raw)
     _, resumed = _project(tmp_path / "b", prepared_sets, raw)
     want_tracker = FakeTracker()
-    want, _ = train.pretrain(params, straight, want_tracker)
+    want, _ = pretrain.train(params, straight, want_tracker)
     lrs = want_tracker.metrics["pretrain/lr"]
     # iteration i runs at lr * (1 + cos(pi * (i - 1) / N)) / 2: lr first, near 0 last
     assert lrs == pytest.approx({i: 1e-3 * (1 + math.cos(math.pi * (i - 1) / 10)) / 2
@@ -250,9 +253,9 @@ def test_cosine_pretrain_anneals_to_zero_and_resumes_on_the_curve(
     with monkeypatch.context() as m:
         _interrupt_after(m, "make_pretrain_step", 6)  # last checkpoint at 4
         with pytest.raises(KeyboardInterrupt):
-            train.pretrain(params, resumed, FakeTracker())
+            pretrain.train(params, resumed, FakeTracker())
     tracker = FakeTracker()
-    got, _ = train.pretrain(params, resumed, tracker)
+    got, _ = pretrain.train(params, resumed, tracker)
     assert tracker.metrics["pretrain/resumed_at"] == {4: 4.0}
     assert tracker.metrics["pretrain/lr"] == {i: lrs[i] for i in range(5, 11)}
     _assert_same_weights(want, got)
@@ -263,14 +266,14 @@ def test_cosine_pretrain_anneals_to_zero_and_resumes_on_the_curve(
 
 def test_load_state_checked_names_the_key() -> None:
     small, wide = SRResNet(1, 8), SRResNet(1, 16)
-    with pytest.raises(train.CheckpointMismatch, match=r"'head\.0\.weight' has shape"):
-        train.load_state_checked(wide, small.state_dict(), "ckpt.pt")
+    with pytest.raises(CheckpointMismatch, match=r"'head\.0\.weight' has shape"):
+        checkpoints.load_state_checked(wide, small.state_dict(), "ckpt.pt")
     deep = SRResNet(2, 8).state_dict()
-    with pytest.raises(train.CheckpointMismatch, match=r"unexpected key 'body\.1\."):
-        train.load_state_checked(small, deep, "ckpt.pt")
-    with pytest.raises(train.CheckpointMismatch, match=r"'body\.1\.body\.0\.weight' is missing"):
-        train.load_state_checked(SRResNet(2, 8), small.state_dict(), "ckpt.pt")
-    train.load_state_checked(SRResNet(1, 8), small.state_dict(), "ckpt.pt")
+    with pytest.raises(CheckpointMismatch, match=r"unexpected key 'body\.1\."):
+        checkpoints.load_state_checked(small, deep, "ckpt.pt")
+    with pytest.raises(CheckpointMismatch, match=r"'body\.1\.body\.0\.weight' is missing"):
+        checkpoints.load_state_checked(SRResNet(2, 8), small.state_dict(), "ckpt.pt")
+    checkpoints.load_state_checked(SRResNet(1, 8), small.state_dict(), "ckpt.pt")
 
 
 def test_finetune_refuses_an_srresnet_of_another_shape(tmp_path: Path,
@@ -279,11 +282,11 @@ def test_finetune_refuses_an_srresnet_of_another_shape(tmp_path: Path,
     raw["model"]["channels"] = 16
     params, layout = _project(tmp_path, prepared_sets, raw)
     _save_srresnet(layout, raw, channels=8)
-    with pytest.raises(train.CheckpointMismatch, match=r"srresnet\.pt: key 'head\.0\.weight'"):
-        train.finetune(params, layout, FakeTracker())
+    with pytest.raises(CheckpointMismatch, match=r"srresnet\.pt: key 'head\.0\.weight'"):
+        finetune.train(params, layout, FakeTracker())
     _save_srresnet(layout, raw, global_skip=not raw["model"]["global_skip"])
-    with pytest.raises(train.CheckpointMismatch, match="'global_skip'"):
-        train.finetune(params, layout, FakeTracker())
+    with pytest.raises(CheckpointMismatch, match="'global_skip'"):
+        finetune.train(params, layout, FakeTracker())
 
 
 def test_resume_refuses_a_checkpoint_of_another_shape(
@@ -293,35 +296,35 @@ def test_resume_refuses_a_checkpoint_of_another_shape(
     with monkeypatch.context() as m:
         _interrupt_after(m, "make_pretrain_step", 3)
         with pytest.raises(KeyboardInterrupt):
-            train.pretrain(params, layout, FakeTracker())
+            pretrain.train(params, layout, FakeTracker())
     raw["model"]["channels"] = 16
     params16, _ = _project(tmp_path, prepared_sets, raw)
     path = layout.checkpoints / "pretrain.pt"
     ckpt = torch.load(path, weights_only=True)
-    ckpt["fingerprint"] = train.fingerprint(params16, "pretrain")  # e.g. code changed shape
+    ckpt["fingerprint"] = checkpoints.fingerprint(params16, "pretrain")  # e.g. code changed shape
     torch.save(ckpt, path)
-    with pytest.raises(train.CheckpointMismatch, match=r"'head\.0\.weight'.*delete .*pretrain"):
-        train.pretrain(params16, layout, FakeTracker())
+    with pytest.raises(CheckpointMismatch, match=r"'head\.0\.weight'.*delete .*pretrain"):
+        pretrain.train(params16, layout, FakeTracker())
 
 
 def test_checkpoints_of_other_params_or_another_srresnet_are_not_resumed(
         tmp_path: Path, capsys) -> None:
     params = config.parse(_params())
     path = tmp_path / "finetune.pt"
-    fp = train.fingerprint(params, "finetune")
-    train.atomic_save({"fingerprint": fp, "iteration": 2, "init_digest": "aaa"}, path)
-    assert train.read_checkpoint(path, fp, "aaa")["iteration"] == 2
-    assert train.read_checkpoint(path, fp) is not None  # the CLI's call
-    assert train.read_checkpoint(path, fp, "bbb") is None
+    fp = checkpoints.fingerprint(params, "finetune")
+    checkpoints.atomic_save({"fingerprint": fp, "iteration": 2, "init_digest": "aaa"}, path)
+    assert checkpoints.read_checkpoint(path, fp, "aaa")["iteration"] == 2
+    assert checkpoints.read_checkpoint(path, fp) is not None  # the CLI's call
+    assert checkpoints.read_checkpoint(path, fp, "bbb") is None
     assert "another models/srresnet.pt" in capsys.readouterr().err
     other = config.parse(_params(finetune={"lr": 5e-5}))
-    assert train.read_checkpoint(path, train.fingerprint(other, "finetune")) is None
-    assert train.fingerprint(other, "pretrain") == train.fingerprint(params, "pretrain")
+    assert checkpoints.read_checkpoint(path, checkpoints.fingerprint(other, "finetune")) is None
+    assert checkpoints.fingerprint(other, "pretrain") == checkpoints.fingerprint(params, "pretrain")
     runtime = config.parse(tiny_params_dict(data={"train": ["tr"], "val": ["va"], "test": ["te"]},
                                             runtime={"num_workers": 3, "channels_last": False}))
-    assert train.fingerprint(runtime, "finetune") == fp  # runtime knobs may change on resume
+    assert checkpoints.fingerprint(runtime, "finetune") == fp  # runtime knobs may change on resume
     path.write_bytes(b"torn")
-    assert train.read_checkpoint(path, fp) is None
+    assert checkpoints.read_checkpoint(path, fp) is None
     assert not list(tmp_path.glob(".*.tmp"))
 
 
@@ -340,9 +343,9 @@ def test_weights_are_loaded_with_weights_only_everywhere(tmp_path: Path, capsys)
 
     unsafe = {"spec": {"blocks": 1}, "hook": nn.ReLU()}  # a pickled object, not just tensors
     torch.save(unsafe, tmp_path / "evil.pt")
-    with pytest.raises(train.UnreadableWeights, match="evil.pt"):
-        train.load_generator_file(tmp_path / "evil.pt")
-    assert train.read_checkpoint(tmp_path / "evil.pt", "x") is None
+    with pytest.raises(UnreadableWeights, match="evil.pt"):
+        checkpoints.load_generator_file(tmp_path / "evil.pt")
+    assert checkpoints.read_checkpoint(tmp_path / "evil.pt", "x") is None
     assert "ignoring unreadable checkpoint" in capsys.readouterr().err
 
 
@@ -357,8 +360,8 @@ def _steps(adv_weight: float, d_steps: int = 1) -> dict[str, Any]:
     g_ft = SRResNet(1, 8, 4, True)
     g_pt = copy.deepcopy(g_ft)
     d = Discriminator(32, 8)
-    opt_g = train.make_adam(g_ft, cfg.lr, (cfg.beta1, cfg.beta2), cpu)
-    opt_d = train.make_adam(d, cfg.lr, (cfg.beta1, cfg.beta2), cpu)
+    opt_g = runtime.make_adam(g_ft, cfg.lr, (cfg.beta1, cfg.beta2), cpu)
+    opt_d = runtime.make_adam(d, cfg.lr, (cfg.beta1, cfg.beta2), cpu)
     d_grads: list[list[torch.Tensor]] = []
     d_step = opt_d.step
 
@@ -367,9 +370,9 @@ def _steps(adv_weight: float, d_steps: int = 1) -> dict[str, Any]:
         return d_step(*a, **k)
 
     opt_d.step = counting_step  # type: ignore[method-assign]
-    ft = train.make_finetune_step(g_ft, d, ContentLoss("mse"), opt_g, opt_d, cfg, params, cpu)
-    pt = train.make_pretrain_step(
-        g_pt, train.make_adam(g_pt, cfg.lr, (cfg.beta1, cfg.beta2), cpu), params, cpu)
+    ft = steps.make_finetune_step(g_ft, d, ContentLoss("mse"), opt_g, opt_d, cfg, params, cpu)
+    pt = steps.make_pretrain_step(
+        g_pt, runtime.make_adam(g_pt, cfg.lr, (cfg.beta1, cfg.beta2), cpu), params, cpu)
     lr, hr = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 32, 32) * 2 - 1
     out = ft(lr, hr)
     pt(lr, hr)
@@ -409,9 +412,9 @@ def test_finetune_recipe_and_mlflow_logging(tmp_path: Path, prepared_sets: Path,
     params, layout = _project(tmp_path, prepared_sets, raw)
     monkeypatch.chdir(tmp_path)  # MLflow artifacts land under tmp_path
     _save_srresnet(layout, raw)
-    start = train.load_generator_file(layout.model("srresnet"))
+    start = checkpoints.load_generator_file(layout.model("srresnet"))
     with stage_run(params.tracking.experiment, "finetune") as tracker:
-        model, metrics = train.finetune(params, layout, tracker)
+        model, metrics = finetune.train(params, layout, tracker)
         run_id = tracker.run_id
     client = MlflowClient()
     logged = client.get_run(run_id).data.metrics
@@ -436,8 +439,8 @@ def test_finetune_recipe_and_mlflow_logging(tmp_path: Path, prepared_sets: Path,
 def test_ema_averages_weights_and_buffers() -> None:
     params = config.parse(_params(runtime={"ema_decay": 0.75}))
     g = SRResNet(1, 4)
-    ema = train._ema(params, g)
-    assert ema is not None and train._ema(config.parse(_params()), g) is None
+    ema = loop.make_ema(params, g)
+    assert ema is not None and loop.make_ema(config.parse(_params()), g) is None
     before = {k: v.clone() for k, v in g.state_dict().items()}
     ema.update_parameters(g)  # the first update copies
     with torch.no_grad():
@@ -472,7 +475,7 @@ def _memory_growth(tmp_path: Path, prepared: Path) -> tuple[int, float]:
             gc.collect()
             samples[step] = (_live_tensors(), proc.memory_info().rss / 2**20)
 
-    train.pretrain(params, layout, FakeTracker(on_log=sample))
+    pretrain.train(params, layout, FakeTracker(on_log=sample))
     return samples[300][0] - samples[50][0], samples[300][1] - samples[50][1]
 
 
@@ -482,9 +485,9 @@ def test_memory_stays_flat_over_hundreds_of_steps(tmp_path: Path, prepared_sets:
     assert tensors <= 2 and rss < 16, (tensors, rss)
     # the check can fail: a loop that keeps each iteration's batch is caught
     kept: list[torch.Tensor] = []
-    real = train.make_pretrain_step
+    real = steps.make_pretrain_step
 
-    def leaky(*args: Any, **kwargs: Any) -> train.StepFn:
+    def leaky(*args: Any, **kwargs: Any) -> steps.StepFn:
         step = real(*args, **kwargs)
 
         def wrapped(lr: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
@@ -493,7 +496,7 @@ def test_memory_stays_flat_over_hundreds_of_steps(tmp_path: Path, prepared_sets:
 
         return wrapped
 
-    monkeypatch.setattr(train, "make_pretrain_step", leaky)
+    monkeypatch.setattr(steps, "make_pretrain_step", leaky)
     tensors, _ = _memory_growth(tmp_path / "leaky", prepared_sets)
     assert tensors >= 250
 
