@@ -97,9 +97,12 @@ def test_dataset_specs_accept_names_and_urls() -> None:
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
-        ({"train": ["a"], "val": ["a"], "test": ["b"]}, "'a' is named in both data.train and data.val"),
-        ({"train": ["a"], "val": ["v"], "test": ["v"]}, "'v' is named in both data.val and data.test"),
-        ({"train": ["a"], "val": ["v"], "test": ["a"]}, "'a' is named in both data.train and data.test"),
+        ({"train": ["a"], "val": ["a"], "test": ["b"]},
+         "'a' is named in both data.train and data.val"),
+        ({"train": ["a"], "val": ["v"], "test": ["v"]},
+         "'v' is named in both data.val and data.test"),
+        ({"train": ["a"], "val": ["v"], "test": ["a"]},
+         "'a' is named in both data.train and data.test"),
         ({"train": ["a", "a"], "val": ["v"], "test": ["b"]}, "'a' is named twice in data.train"),
         ({"train": ["a"], "val": [], "test": ["b"]}, "key 'data.val' is invalid"),
     ],
