@@ -103,7 +103,8 @@ def make_prepared_sets(root: Path) -> Path:
     from srcore.data.degrade import bicubic_lr
     from srcore.data.images import load_image, save_png
 
-    for name, count, size, seed in (("tr", 3, (64, 64), 0), ("va", 1, (48, 40), 2),
+    # The val image is just large enough for NIQE (two 96x96 blocks after a 4-pixel crop).
+    for name, count, size, seed in (("tr", 3, (64, 64), 0), ("va", 1, (200, 104), 2),
                                     ("te", 1, (48, 40), 1)):
         for path in make_images(root / "raw" / name, count, size=size, seed=seed):
             hr = load_image(path)

@@ -220,3 +220,31 @@ def test_evaluate_gate_tags_the_versions_named_in_the_training_metrics(
     assert _tags("srresnet", v1)["metric.sample_test.ssim_daala_y"] == "0.77"
     # srgan v7 is not in this registry: reported, and the evaluate stage still succeeds.
     assert "skipped srgan: model 'srgan' has no version 7" in capsys.readouterr().err
+
+
+def test_evaluate_gates_srgan_on_validation_niqe_within_the_psnr_budget(
+        register: Register, tmp_path: Path) -> None:
+    """The evaluate stage's gate as params.yaml sets it: srgan by NIQE on the validation set,
+    bounded by bicubic and by tracking.gate_psnr_budget_db below the SRResNet champion."""
+    resnet, gan = register("srresnet"), register("srgan")
+    layout = Layout(tmp_path)
+    layout.metrics.mkdir()
+    (layout.metrics / "pretrain.json").write_text(json.dumps({"registered_version": resnet}))
+    (layout.metrics / "finetune.json").write_text(json.dumps({"registered_version": gan}))
+    params = config.parse(tiny_params_dict())
+    assert params.tracking.gate_metric_srgan == "niqe"
+    budget = params.tracking.gate_psnr_budget_db
+    summary = {"sample_val": {
+        "bicubic": {"psnr_y": 24.0, "niqe": 7.6},
+        "srresnet": {"psnr_y": 28.0, "ssim_y": 0.8, "niqe": 6.8},
+        "srgan": {"psnr_y": 28.0 - budget - 0.1, "ssim_y": 0.7, "niqe": 5.0}}}
+    decisions = registry_gate(params, layout, summary, "sample_val")
+    assert [(d.name, d.decision) for d in decisions] == [("srresnet", "promoted"),
+                                                        ("srgan", "refused")]
+    assert f"more than {budget:g} dB below srresnet v{resnet}'s 28.00" in decisions[1].reason
+    assert _tags("srgan", gan)["gate_rule"].startswith("metric.sample_val.niqe (lower is better)")
+
+    summary["sample_val"]["srgan"]["psnr_y"] = 27.0  # a trade within the budget: promoted
+    decisions = registry_gate(params, layout, summary, "sample_val")
+    assert [(d.name, d.decision) for d in decisions] == [("srresnet", "already_champion"),
+                                                        ("srgan", "promoted")]

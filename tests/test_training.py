@@ -425,6 +425,9 @@ def test_finetune_recipe_and_mlflow_logging(tmp_path: Path, prepared_sets: Path,
     assert lrs == pytest.approx({1: 2e-12, 2: 2e-12, 3: 2e-12, 4: 1e-12, 5: 1e-12, 6: 1e-12})
     psnr = {m.step: m.value for m in client.get_metric_history(run_id, "finetune/val_psnr_y")}
     assert sorted(psnr) == [3, 6] and metrics["val_psnr_y"] == pytest.approx(psnr[6])
+    # The paper's trade over iterations: NIQE beside PSNR at every validation step.
+    niqe = {m.step: m.value for m in client.get_metric_history(run_id, "finetune/val_niqe")}
+    assert sorted(niqe) == [3, 6] and metrics["val_niqe"] == pytest.approx(niqe[6])
     images = sorted(f.path for f in client.list_artifacts(run_id, "val/finetune"))
     assert images == ["val/finetune/0000003_img00.png", "val/finetune/0000006_img00.png"]
     # G started from the SRResNet (lr ~ 0 keeps the weights), not from a fresh init

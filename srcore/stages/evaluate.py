@@ -1,8 +1,11 @@
-"""`srgan evaluate`: bicubic, SRResNet and SRGAN scored on every validation and test set.
+"""`srgan evaluate`: bicubic, SRResNet, their blends and SRGAN on every validation and test set.
 
-Writes metrics/evaluate.json (PSNR-Y, Wang and daala SSIM-Y per set and method),
-plots/evaluate.csv (per image) and reports/grid_<set>.png, tags the registered versions that
-made models/*.pt with their numbers and runs the @champion/@challenger gate on data.val.
+Writes metrics/evaluate.json (PSNR-Y, Wang and daala SSIM-Y and NIQE per set and method, NIQE
+of HR), plots/evaluate.csv (per image), plots/perception_distortion.csv and
+reports/{grid,perception_distortion}_<set>.png, tags the registered versions that made
+models/*.pt with their numbers and runs the @champion/@challenger gate on data.val: SRResNet
+by PSNR-Y, SRGAN by tracking.gate_metric_srgan (NIQE by default) within
+tracking.gate_psnr_budget_db of the SRResNet champion, both above bicubic.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def run(params: Params, layout: Layout) -> None:
         for grid in grids:
             tracker.log_artifact(grid, "grids")
         tracker.log_artifact(layout.plots / "evaluate.csv")
+        tracker.log_artifact(layout.plots / "perception_distortion.csv")
         decisions = registry_gate(params, layout, summary, gate_set)
         tracker.set_tags({f"gate.{d.name}": f"v{d.version} {d.decision}" for d in decisions})
     print(evaluate.table(summary))
@@ -60,10 +64,13 @@ def registry_gate(params: Params, layout: Layout, summary: dict[str, Any],
         if version is None:
             continue
         metric = "psnr_y" if name == "srresnet" else params.tracking.gate_metric_srgan
+        budget = params.tracking.gate_psnr_budget_db if name == "srgan" else None
+        bicubic = summary.get(gate_set, {}).get("bicubic", {}).get("psnr_y")
         try:
             tracking.tag_metrics(name, str(version), {
                 s: methods[name] for s, methods in summary.items() if name in methods})
-            decisions.append(tracking.gate(name, str(version), gate_set, metric))
+            decisions.append(tracking.gate(name, str(version), gate_set, metric,
+                                           bicubic_psnr=bicubic, psnr_budget_db=budget))
         except tracking.RegistryError as err:
             print(f"registry gate: skipped {name}: {err}", file=sys.stderr)
     return decisions

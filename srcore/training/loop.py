@@ -149,7 +149,7 @@ def run_loop(stage: str, params: Params, layout: Layout, tracker: LoopTracker,
             last = _log_averages(stage, state, bar, tracker, it, lr_used, device)
         if main and (it % cfg.val_every == 0 or it == cfg.iterations):
             net = state.ema.module if state.ema is not None else generator
-            last["val_psnr_y"] = _validate_and_log(stage, net, val, params, device, tracker, it)
+            last.update(_validate_and_log(stage, net, val, params, device, tracker, it))
         if main and it % cfg.checkpoint_every == 0 and it < cfg.iterations:
             atomic_save(snapshot(state, it, fp, tracker.run_id, init_digest), ckpt_path)
     bar.close()
@@ -197,10 +197,12 @@ def _log_averages(stage: str, state: LoopState, bar: Any, tracker: LoopTracker, 
 
 
 def _validate_and_log(stage: str, net: nn.Module, val: list[Pair], params: Params,
-                      device: torch.device, tracker: LoopTracker, it: int) -> float:
-    """Validation PSNR-Y and the SR images, logged at iteration `it` (rank 0 only)."""
-    score, images = validate(net, val, params, device)
-    tracker.log_metrics({f"{stage}/val_psnr_y": score}, step=it)
+                      device: torch.device, tracker: LoopTracker, it: int) -> dict[str, float]:
+    """Validation PSNR-Y and NIQE (as val_psnr_y, val_niqe) and the SR images, logged at
+    iteration `it` (rank 0 only)."""
+    scores, images = validate(net, val, params, device)
+    named = {f"val_{k}": v for k, v in scores.items()}
+    tracker.log_metrics({f"{stage}/{k}": v for k, v in named.items()}, step=it)
     for p, img in zip(val, images, strict=True):
         tracker.log_image(img, f"val/{stage}/{it:07d}_{p.name}.png")
-    return score
+    return named
