@@ -1,16 +1,19 @@
 """What `srgan upscale` and the served model accept and answer: the size limit, the tiling
-defaults, the output formats and the base64 wire format of one image.
+defaults, the output formats, the base64 wire format of one image, and the server's admission
+defaults (`srgan serve`).
 
 Light on purpose (no torch, no mlflow at import): the CLI's parser shows these defaults, and
 `srgan --help` should not pay two seconds of torch import for them. The MLflow side of serving
 (the pyfunc flavor that `mlflow models serve` loads) is in srcore/tracking.py, the only module
-that imports mlflow; the pixels are computed by srcore/upscale.py.
+that imports mlflow; `srgan serve` is srcore/server.py; the pixels are computed by
+srcore/upscale.py.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import math
 from typing import Any
 
 #: Largest input accepted, in LR pixels (4096 x 4096; the x4 output is then 805 MB as uint8
@@ -27,31 +30,93 @@ DEFAULT_OVERLAP = 16
 OUTPUT_FORMATS = {"png": ".png", "webp": ".webp", "jpeg": ".jpg"}
 #: The served model's input and output column: base64-encoded images in, base64 PNGs out.
 IMAGE_COLUMN = "image"
+#: srcore.precision.SETTINGS, here so the CLI can list them without importing torch.
+PRECISIONS = ("auto", "bf16", "fp32")
+#: Blended generators (distinct alphas) a served model keeps; each is one network's weights
+#: (6 MB for the paper's generator), and a request never re-blends one of these.
+BLEND_CACHE_SIZE = 4
+#: `srgan serve`: forwards at once. One forward already uses every CPU core, so a second
+#: only splits them and doubles peak memory.
+DEFAULT_SLOTS = 1
+#: `srgan serve`: admitted requests that may wait for a slot; beyond slots + queue a request
+#: is refused at once (503 + Retry-After) instead of waiting past its client's patience.
+DEFAULT_QUEUE = 2
+#: `srgan serve`: seconds from arrival (waiting included) after which a request is answered
+#: 504 and its work stops at the next tile. MLflow's gunicorn/uvicorn default is 60.
+DEFAULT_TIMEOUT_S = 60.0
+#: `srgan serve`: largest request body: a base64 PNG of a DEFAULT_MAX_PIXELS RGB image that
+#: does not compress at all, plus JSON.
+DEFAULT_MAX_BODY_BYTES = (DEFAULT_MAX_PIXELS * 3 + (1 << 20)) * 4 // 3
 
 
-def upscale_base64(model: Any, text: str, name: str, tile: int = DEFAULT_TILE,
-                   overlap: int | None = None, device: str = "cpu",
-                   memory_format: Any = None) -> str:
-    """One base64 image (PNG, JPEG, WebP, ...) in, the base64 PNG `srgan upscale` would write
-    out. Raises ImageError, naming `name`, for anything that is not a usable image.
-    `memory_format` is the model's (torch.channels_last or, when None, contiguous)."""
-    import torch
-
+def decode_base64(text: Any, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  limit_hint: str | None = None) -> Any:
+    """One base64 image (PNG, JPEG, WebP, ...) -> srcore.upscale.Picture, its size checked
+    from the header first. Raises ImageError, naming `name`, for anything unusable."""
     from srcore.data.images import ImageError
-    from srcore.upscale import (
-        decode_image,
-        default_overlap,
-        encode_image,
-        model_scale,
-        upscale_picture,
-    )
+    from srcore.upscale import LIMIT_HINT, decode_image
 
+    if not isinstance(text, str | bytes):
+        raise ImageError(f"{name}: expected a base64 string, got {type(text).__name__}")
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, TypeError, ValueError) as err:
         raise ImageError(f"{name}: not base64 ({err})") from None
-    picture = decode_image(raw, DEFAULT_MAX_PIXELS, name=name)
+    return decode_image(raw, max_pixels, name=name, limit_hint=limit_hint or LIMIT_HINT)
+
+
+def upscale_to_png_base64(model: Any, picture: Any, tile: int = DEFAULT_TILE,
+                          overlap: int | None = None, device: str = "cpu",
+                          memory_format: Any = None, *, precision: Any = None,
+                          before_tile: Any = None) -> bytes:
+    """A decoded Picture -> the base64 (ASCII bytes) of the PNG `srgan upscale` would write.
+    Each full-size buffer is dropped as soon as the next exists: the uint8 output (576 MB for
+    a 4000x3000 input) before the base64 copy of its PNG is made."""
+    import torch
+
+    from srcore.upscale import default_overlap, encode_image, model_scale, upscale_picture
+
     overlap = default_overlap(model) if overlap is None else overlap
     image = upscale_picture(model, picture, model_scale(model), tile, overlap, device,
-                            memory_format or torch.contiguous_format)
-    return base64.b64encode(encode_image(image)).decode("ascii")
+                            memory_format or torch.contiguous_format, precision=precision,
+                            before_tile=before_tile)
+    encoded = encode_image(image)
+    del image
+    return base64.b64encode(encoded)
+
+
+def upscale_base64(model: Any, text: str, name: str, tile: int = DEFAULT_TILE,
+                   overlap: int | None = None, device: str = "cpu",
+                   memory_format: Any = None, *, precision: Any = None) -> str:
+    """One base64 image (PNG, JPEG, WebP, ...) in, the base64 PNG `srgan upscale` would write
+    out. Raises ImageError, naming `name`, for anything that is not a usable image.
+    `memory_format` is the model's (torch.channels_last or, when None, contiguous);
+    `precision` (srcore.precision.Precision; None = fp32) as in upscale_image."""
+    picture = decode_base64(text, name)
+    return upscale_to_png_base64(model, picture, tile, overlap, device, memory_format,
+                                 precision=precision).decode("ascii")
+
+
+def request_params(params: Any) -> tuple[float | None, int]:
+    """(alpha, tile) from a request's `params`, checked as a hostile client's would be: alpha
+    a number in [0, 1] or absent (the model's default), tile a whole number >= 0.
+    Raises ValueError with the parameter's name."""
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise ValueError(f"params must be an object such as {{\"alpha\": 0.5, \"tile\": "
+                         f"{DEFAULT_TILE}}}, got {type(params).__name__}")
+    alpha = params.get("alpha")
+    if alpha is not None:
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) \
+                or not math.isfinite(alpha) or not 0 <= alpha <= 1:
+            raise ValueError(f"params.alpha must be a number from 0 (SRResNet) to 1 (SRGAN), "
+                             f"got {alpha!r}")
+        alpha = float(alpha)
+    tile = params.get("tile", DEFAULT_TILE)
+    if isinstance(tile, float) and tile.is_integer():
+        tile = int(tile)
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 0:
+        raise ValueError(f"params.tile must be a whole number >= 0 (0 = whole image), "
+                         f"got {tile!r}")
+    return alpha, tile

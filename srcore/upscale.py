@@ -10,14 +10,19 @@ padding at true image borders) as whole-image inference.
 from __future__ import annotations
 
 import contextlib
+import copy
 import glob
 import io
 import math
 import os
+import re
 import sys
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,7 +31,27 @@ from torch import nn
 from tqdm import tqdm
 
 from srcore.data.images import IMAGE_SUFFIXES, ImageError, list_images, to_rgb
-from srcore.serving import DEFAULT_MAX_PIXELS, DEFAULT_OVERLAP, DEFAULT_TILE, OUTPUT_FORMATS
+from srcore.serving import (
+    BLEND_CACHE_SIZE,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_OVERLAP,
+    DEFAULT_TILE,
+    OUTPUT_FORMATS,
+)
+
+if TYPE_CHECKING:
+    from srcore.precision import Precision
+
+#: Called before each tile; raises (e.g. Cancelled) to stop the work between two tiles.
+TileHook = Callable[[], None]
+
+
+class Cancelled(Exception):
+    """The caller gave up (client gone, deadline passed): the work stopped between tiles."""
+
+
+class NonFiniteOutput(ValueError):
+    """The generator produced NaN or infinity: it diverged, and its output is not an image."""
 
 
 def lr_to_tensor(lr: np.ndarray, device: torch.device | str = "cpu",
@@ -40,7 +65,7 @@ def lr_to_tensor(lr: np.ndarray, device: torch.device | str = "cpu",
 def _to_uint8(sr: torch.Tensor, grey: bool) -> np.ndarray:
     """(1,3,H,W) in [-1, 1] -> uint8 HxWx3, or HxW luma; converted on the model's device so
     only uint8 crosses to the host."""
-    img = ((sr[0].detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    img = sr[0].detach().float().clamp(-1, 1).add_(1).mul_(127.5).round_().to(torch.uint8)
     arr = img.permute(1, 2, 0).cpu().numpy()
     if grey:
         weights = np.array([0.299, 0.587, 0.114])
@@ -160,14 +185,18 @@ def upscale_tensor(model: nn.Module, lr: torch.Tensor, scale: int, tile: int = 0
 def upscale_image(model: nn.Module, lr: np.ndarray, scale: int, tile: int = 0,
                   overlap: int = 8, device: torch.device | str = "cpu",
                   memory_format: torch.memory_format = torch.contiguous_format,
-                  out: np.ndarray | None = None) -> np.ndarray:
+                  out: np.ndarray | None = None, *, precision: Precision | None = None,
+                  before_tile: TileHook | None = None) -> np.ndarray:
     """uint8 LR -> uint8 SR, tile by tile; a grey input gives a grey output.
 
     Each tile is converted to float on the device and its core back to uint8 before the next
     one runs, so memory holds one tile's activations plus the uint8 result: a float32 SR of a
     4000x3000 input alone would be 2.3 GB, its uint8 576 MB. `out` (a view of the right shape,
     e.g. the colour channels of an RGBA buffer) receives the result instead of a new array.
-    Tile, overlap and eval mode as in `upscale_tensor`, whose pixels this matches exactly.
+    Tile, overlap and eval mode as in `upscale_tensor`, whose pixels this matches exactly in
+    fp32 (`precision` None or fp32; bf16 runs under autocast). `before_tile` runs before each
+    tile and may raise to stop (a server's cancel flag). A tile with a non-finite value raises
+    NonFiniteOutput: a diverged generator never becomes an all-black image.
     """
     grey = lr.ndim == 2
     h, w = lr.shape[:2]
@@ -176,15 +205,156 @@ def upscale_image(model: nn.Module, lr: np.ndarray, scale: int, tile: int = 0,
         out = np.empty(shape, np.uint8)
     elif out.shape != shape or out.dtype != np.uint8:
         raise ValueError(f"out must be uint8 {shape}, got {out.dtype} {out.shape}")
+    autocast = (precision.autocast(torch.device(device)) if precision is not None
+                else contextlib.nullcontext())
     with _eval_mode(model):
         for core, window in _tiles(h, w, tile, overlap):
+            if before_tile is not None:
+                before_tile()
             y0, y1, x0, x1 = window
-            sr = model(lr_to_tensor(lr[y0:y1, x0:x1], device, memory_format))
+            with autocast:
+                sr = model(lr_to_tensor(lr[y0:y1, x0:x1], device, memory_format))
+            # one reduction instead of isfinite's three passes: NaN and inf survive a sum
+            if not math.isfinite(float(torch.sum(sr, dtype=torch.float32))):
+                raise NonFiniteOutput("the generator produced NaN or infinite values: it "
+                                      "diverged; use an earlier or re-trained model")
             y, ye, x, xe = core
             out[y * scale:ye * scale, x * scale:xe * scale] = _to_uint8(
                 _core(sr, core, window, scale), grey)
             del sr  # free this tile's output before the next tile allocates its own
     return out
+
+
+# ----------------------------------------------------------------- inference preparation
+
+
+def for_inference(model: nn.Module, precision: Precision | None,
+                  memory_format: torch.memory_format = torch.contiguous_format) -> nn.Module:
+    """The network to run at `precision`: itself in fp32 (bit-exact), else an eval-mode copy
+    with every BatchNorm folded into the convolution before it and convolution subclasses
+    (SRResNet's NarrowOutputConv2d, a training-speed trick) made plain nn.Conv2d, so oneDNN
+    runs each conv once and no BatchNorm or cast runs between them. The same function to
+    float rounding; measured with benchmarks/upscale.py, 4% faster under bf16 autocast."""
+    if precision is None or not precision.bf16:
+        return model
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    ready = copy.deepcopy(model).eval()
+    for parent in list(ready.modules()):
+        names = list(parent._modules)
+        for first, second in zip(names, names[1:], strict=False):
+            conv, norm = parent._modules[first], parent._modules[second]
+            if isinstance(parent, nn.Sequential) and type(conv) is nn.Conv2d \
+                    and isinstance(norm, nn.BatchNorm2d) and norm.track_running_stats:
+                parent._modules[first] = fuse_conv_bn_eval(conv, norm)
+                parent._modules[second] = nn.Identity()
+        for name, child in parent._modules.items():
+            if isinstance(child, nn.Conv2d) and type(child) is not nn.Conv2d:
+                plain = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size,
+                                  child.stride, child.padding, child.dilation, child.groups,
+                                  child.bias is not None, child.padding_mode)
+                plain.load_state_dict(child.state_dict())
+                parent._modules[name] = plain.to(child.weight.device)
+    return ready.to(memory_format=memory_format)
+
+
+# ------------------------------------------------------------------ what memory it takes
+
+
+def tile_bytes(model: nn.Module, tile: int, overlap: int) -> int:
+    """Activations of one tile at their widest, in the last upsampling block: two maps of
+    (scale x window)^2 x feature channels (the first conv's width) in fp32 (bf16 autocast
+    still runs the 9x9 tail on fp32 input), plus a quarter for the allocator. For the paper's
+    generator at tile 256 + 2 x 16 this says 849 MB; measured over the warm baseline: 598 MB
+    (bf16) and 689 MB (fp32)."""
+    channels = next((m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 64)
+    window = tile + 2 * overlap
+    return int(2.5 * (model_scale(model) * window) ** 2 * channels * 4)
+
+
+def image_bytes(lr_pixels: int, scale: int, *, encoded_in_memory: bool) -> int:
+    """What one image holds at its peak besides the tile: the decoded input (up to 4 bytes a
+    pixel), the uint8 RGB output (3 bytes an output pixel), Pillow's copy of it for the
+    encoder (4: RGB is stored as RGBX) and, when the result is kept in memory (a served
+    PNG), the encoded file (at most ~3, incompressible); its base64 (4/3 of that) is made
+    after the first two are freed."""
+    out = lr_pixels * scale ** 2
+    return lr_pixels * 4 + out * (3 + 4 + (3 if encoded_in_memory else 0))
+
+
+# ------------------------------------------------------------------- blends, one knob
+
+
+class GeneratorSet:
+    """An SRGAN, the SRResNet it was fine-tuned from, and the blends between them that a
+    caller asks for: alpha 1 is the SRGAN, 0 the SRResNet (srcore.models.interpolate).
+
+    A server sees few distinct alphas, so blends are kept in a small LRU cache: a request
+    never re-blends. Both networks are already on their device and in their memory format;
+    every blend is made there, from the two as given, then passed through `prepare` (e.g.
+    `for_inference`) once. Thread-safe (a server's compute slots share one set).
+    """
+
+    def __init__(self, srgan: nn.Module, srresnet: nn.Module | None, *, source: str,
+                 default_alpha: float = 1.0, cache_size: int = BLEND_CACHE_SIZE,
+                 prepare: Callable[[nn.Module], nn.Module] | None = None) -> None:
+        self.srgan, self.srresnet, self.source = srgan.eval(), srresnet, source
+        self._prepare = prepare or (lambda network: network)
+        self.default_alpha = check_alpha(default_alpha, source)
+        if srresnet is not None:
+            from srcore.models.interpolate import IncompatibleGenerators, blend
+
+            srresnet.eval()
+            try:  # fail at load, not on the first request that asks for a blend
+                blend(srresnet, srgan, 0.5)
+            except IncompatibleGenerators as err:
+                raise IncompatibleGenerators(
+                    f"{source}: its SRResNet cannot be blended with it: {err}") from None
+        elif self.default_alpha != 1.0:
+            raise MissingSRResNet(f"{source}: default alpha {self.default_alpha:g} needs the "
+                                  "SRResNet it was fine-tuned from, and there is none")
+        self._cache: OrderedDict[float, nn.Module] = OrderedDict()
+        self._size = max(1, cache_size)
+        self._lock = threading.Lock()
+        self.blends_made = 0
+        self._ends = {1.0: self._prepare(self.srgan)}
+        if srresnet is not None:
+            self._ends[0.0] = self._prepare(srresnet)
+
+    def at(self, alpha: float | None = None) -> nn.Module:
+        """The generator at `alpha` (None: the default), blended once and then cached."""
+        alpha = self.default_alpha if alpha is None else check_alpha(alpha, self.source)
+        if alpha in self._ends:  # 1, and 0 when there is an SRResNet
+            return self._ends[alpha]
+        if self.srresnet is None:
+            raise MissingSRResNet(f"{self.source}: alpha {alpha:g} blends SRGAN with the "
+                                  "SRResNet it was fine-tuned from, and this model carries "
+                                  "none; ask for alpha 1 or give the SRResNet (--srresnet)")
+        with self._lock:
+            if alpha in self._cache:
+                self._cache.move_to_end(alpha)
+                return self._cache[alpha]
+            from srcore.models.interpolate import blend
+
+            blended = self._prepare(blend(self.srresnet, self.srgan, alpha).eval())
+            self.blends_made += 1
+            self._cache[alpha] = blended
+            while len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+            return blended
+
+
+class MissingSRResNet(ValueError):
+    """A blend was asked of an SRGAN that came without its SRResNet; the message says how."""
+
+
+def check_alpha(alpha: object, source: str = "alpha") -> float:
+    """A finite number in [0, 1], else ValueError naming `source` (hostile requests too)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) \
+            or not math.isfinite(alpha) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"{source}: alpha must be a number from 0 (SRResNet) to 1 (SRGAN), "
+                         f"got {alpha!r}")
+    return float(alpha)
 
 
 # ------------------------------------------------------------------- files and encodings
@@ -198,12 +368,18 @@ class Picture:
     alpha: np.ndarray | None = None
 
 
+#: How to get past the size limit, for `srgan upscale`; the server passes its own.
+LIMIT_HINT = "split it or raise the limit (srgan upscale --max-pixels)"
+
+
 def decode_image(source: Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 name: str | None = None) -> Picture:
+                 name: str | None = None, limit_hint: str = LIMIT_HINT) -> Picture:
     """Decode a file or encoded bytes (PNG, JPEG, WebP, ...) into colour and alpha.
 
     The size is checked against `max_pixels` from the header, before any pixel is decoded, so
-    a huge or hostile file costs nothing; Pillow's decompression-bomb guard stays on above it.
+    a huge or hostile file costs nothing; Pillow's decompression-bomb guard stays on above it,
+    but speaks our words: a bomb under the default limit gets the same `limit_hint` as any
+    oversized image, not Pillow's "could be decompression bomb DOS attack".
     EXIF orientation is applied (the PNG written has no EXIF to carry it); 16-bit is scaled to
     8-bit; palette and grey images with a transparent colour get a real alpha channel.
     """
@@ -214,17 +390,35 @@ def decode_image(source: Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
             if w * h == 0:
                 raise ImageError(f"{label}: empty image ({w}x{h})")
             if w * h > max_pixels:
-                raise ImageError(
-                    f"{label}: {w}x{h} = {w * h:,} pixels is over the limit of "
-                    f"{max_pixels:,}; split it or raise the limit (srgan upscale "
-                    f"--max-pixels; its x4 RGB output alone is {w * h * 48 / 1e9:.1f} GB)")
+                raise ImageError(_over_limit(label, f"{w}x{h} = {w * h:,}", w * h, max_pixels,
+                                             limit_hint))
             im.load()
             ImageOps.exif_transpose(im, in_place=True)
             return _split_alpha(im)
     except ImageError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:
+        raise ImageError(_bomb(label, str(err), max_pixels, limit_hint)) from None
+    except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"{label}: cannot be decoded as an image ({err})") from None
+
+
+def _over_limit(label: str, size: str, pixels: int, limit: int, hint: str) -> str:
+    return (f"{label}: {size} pixels is over the limit of {limit:,} (its x4 RGB output alone "
+            f"would be {pixels * 48 / 1e9:.1f} GB); {hint}")
+
+
+def _bomb(label: str, pillow_message: str, max_pixels: int, hint: str) -> str:
+    """Pillow refused the header before we could read the size: say it as our limit does."""
+    found = re.search(r"\((\d+) pixels\)", pillow_message)
+    pixels = int(found.group(1)) if found else None
+    if pixels is not None and pixels > max_pixels:
+        return _over_limit(label, f"{pixels:,}", pixels, max_pixels, hint)
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    size = f"{pixels:,} pixels" if pixels else "its size"
+    return (f"{label}: {size} is over "
+            f"Pillow's decompression-bomb limit of {limit:,} pixels, which --max-pixels does "
+            "not raise; split the image")
 
 
 def _split_alpha(im: Image.Image) -> Picture:
@@ -254,17 +448,22 @@ def upscale_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
 
 def upscale_picture(model: nn.Module, picture: Picture, scale: int, tile: int = 0,
                     overlap: int = 8, device: torch.device | str = "cpu",
-                    memory_format: torch.memory_format = torch.contiguous_format) -> np.ndarray:
+                    memory_format: torch.memory_format = torch.contiguous_format, *,
+                    precision: Precision | None = None,
+                    before_tile: TileHook | None = None) -> np.ndarray:
     """Upscale colour with G and alpha bicubically into one uint8 buffer: HxW (grey), HxWx2
-    (grey + alpha), HxWx3 (RGB) or HxWx4 (RGBA), the layouts Pillow writes as L/LA/RGB/RGBA."""
+    (grey + alpha), HxWx3 (RGB) or HxWx4 (RGBA), the layouts Pillow writes as L/LA/RGB/RGBA.
+    `precision` and `before_tile` as in `upscale_image`."""
     lr, alpha = picture.pixels, picture.alpha
     if alpha is None:
-        return upscale_image(model, lr, scale, tile, overlap, device, memory_format)
+        return upscale_image(model, lr, scale, tile, overlap, device, memory_format,
+                             precision=precision, before_tile=before_tile)
     grey = lr.ndim == 2
     h, w = lr.shape[:2]
     buf = np.empty((h * scale, w * scale, 2 if grey else 4), np.uint8)
     upscale_image(model, lr, scale, tile, overlap, device, memory_format,
-                  out=buf[..., 0] if grey else buf[..., :3])
+                  out=buf[..., 0] if grey else buf[..., :3], precision=precision,
+                  before_tile=before_tile)
     buf[..., -1] = upscale_alpha(alpha, scale)
     return buf
 
@@ -356,6 +555,7 @@ def upscale_files(model: nn.Module, inputs: Sequence[str], out_dir: Path, *,
                   overlap: int | None = None, fmt: str = "png",
                   max_pixels: int = DEFAULT_MAX_PIXELS, device: torch.device | str = "cpu",
                   memory_format: torch.memory_format = torch.contiguous_format,
+                  precision: Precision | None = None,
                   progress: bool | None = None,
                   report: Callable[[str], None] = _say) -> tuple[list[Path], list[Failure]]:
     """Upscale every input image into out_dir/<input stem>.<fmt>; one bad file never stops the
@@ -363,7 +563,7 @@ def upscale_files(model: nn.Module, inputs: Sequence[str], out_dir: Path, *,
 
     `overlap` None means `default_overlap(model)`. Two inputs that would write the same
     output, or an output that would overwrite an input, fail. `progress` None shows the bar
-    only on a terminal.
+    only on a terminal. NonFiniteOutput is the model's fault, not the file's: it stops all.
     """
     if fmt not in OUTPUT_FORMATS:
         raise ValueError(f"format must be one of {sorted(OUTPUT_FORMATS)}, got {fmt!r}")
@@ -387,7 +587,8 @@ def upscale_files(model: nn.Module, inputs: Sequence[str], out_dir: Path, *,
                 raise ImageError(f"output {target} is already written from "
                                  f"{claimed[target.resolve()]}; upscale one of them separately")
             picture = decode_image(source, max_pixels)
-            image = upscale_picture(model, picture, scale, tile, overlap, device, memory_format)
+            image = upscale_picture(model, picture, scale, tile, overlap, device, memory_format,
+                                    precision=precision)
             del picture
             save_image(image, target, fmt)
         except (ImageError, OSError, MemoryError, torch.OutOfMemoryError) as err:
@@ -401,46 +602,134 @@ def upscale_files(model: nn.Module, inputs: Sequence[str], out_dir: Path, *,
     return written, failures
 
 
-def upscale_command(inputs: Sequence[str], output: str, *, model: str, tile: int,
-                    overlap: int | None, fmt: str, max_pixels: int, device: str,
-                    channels_last: bool) -> int:
-    """`srgan upscale`: images upscaled with a registered or saved generator; returns the exit
-    status, min(failures, 100), so 0 means every image was written.
+# ------------------------------------------------------------------- loading, the command
 
-    Not a pipeline stage: it reads no params.yaml. Bad inputs are reported one by one and the
-    rest still run; `model` is models:/NAME@ALIAS, models:/NAME/VERSION, runs:/... or a .pt.
+
+@dataclass
+class LoadedGenerators:
+    """What a --model names, on the CPU: the generator, the SRResNet to blend it with (None
+    when not needed or not there) and the alpha a request without one gets."""
+
+    generator: nn.Module
+    srresnet: nn.Module | None
+    default_alpha: float
+    source: str
+
+
+def is_registry_uri(model: str) -> bool:
+    return model.startswith(("models:/", "runs:/"))
+
+
+def load_generators(model: str, srresnet: str | None = None,
+                    base: str = "skip") -> LoadedGenerators:
+    """The generator `model` names (models:/..., runs:/... or a .pt) and, by `base`, its
+    SRResNet: "skip" (not loaded), "if_present" or "required" (a missing one is a UserError).
+
+    A registered srgan carries the SRResNet it was fine-tuned from and its default alpha
+    (tracking.serve_alpha when it was registered); beside a .pt the SRResNet is `srresnet`,
+    else srresnet.pt in the same folder, and the default alpha is 1 (the file itself).
     """
-    from srcore import tracking
     from srcore.stages import UserError
     from srcore.training.checkpoints import load_generator_file
-    from srcore.training.runtime import resolve_device
 
-    out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: is a file; -o takes a folder for the upscaled images")
-    if model.startswith(("models:/", "runs:/")):
+    if is_registry_uri(model):
+        from srcore import tracking  # mlflow only when the model is in its registry
+
+        if srresnet is not None:
+            raise UserError(f"--srresnet {srresnet}: a registered model carries its own "
+                            "SRResNet; use --srresnet only with a .pt --model")
         uri = tracking.tracking_uri()
         if uri == tracking.DEFAULT_URI and not Path("mlflow.db").is_file():
             raise UserError(f"{model}: no mlflow.db here; run from the project root, set "
                             "MLFLOW_TRACKING_URI, or pass --model models/srgan.pt")
         try:
-            generator = tracking.load_generator(model)
+            if base == "skip":
+                return LoadedGenerators(tracking.load_generator(model), None, 1.0, model)
+            served = tracking.load_served_generators(model)
         except tracking.RegistryError as err:
             raise UserError(str(err)) from None
-    else:
-        generator = load_generator_file(Path(model))
+        if served.srresnet is None and base == "required":
+            raise UserError(f"{model}: carries no SRResNet to blend with (not an srgan, or "
+                            "registered before srgan versions carried theirs); use --model "
+                            "models/srgan.pt --srresnet models/srresnet.pt, or drop --alpha")
+        return LoadedGenerators(served.generator, served.srresnet, served.default_alpha, model)
+    path = Path(model)
+    generator = load_generator_file(path)
+    base_path = Path(srresnet) if srresnet is not None else path.with_name("srresnet.pt")
+    found = None
+    if base != "skip":
+        if base_path.is_file():
+            found = load_generator_file(base_path)
+        elif base == "required" or srresnet is not None:
+            raise UserError(f"{base_path}: missing; blending (--alpha) needs the SRResNet "
+                            f"that {path} was fine-tuned from: pass --srresnet PATH")
+    return LoadedGenerators(generator, found, 1.0, str(path))
+
+
+def upscale_command(inputs: Sequence[str], output: str, *, model: str, tile: int,
+                    overlap: int | None, fmt: str, max_pixels: int, device: str,
+                    channels_last: bool, alpha: float | None = None,
+                    srresnet: str | None = None, precision: str = "auto") -> int:
+    """`srgan upscale`: images upscaled with a registered or saved generator; returns the exit
+    status, min(failures, 100), so 0 means every image was written.
+
+    Not a pipeline stage: it reads no params.yaml. Bad inputs are reported one by one and the
+    rest still run; `model` is models:/NAME@ALIAS, models:/NAME/VERSION, runs:/... or a .pt.
+    `alpha` (0 SRResNet .. 1 SRGAN) blends the SRGAN with the SRResNet it came from; without
+    it the generator runs as it is. `precision` (auto | bf16 | fp32) is said once on stderr.
+    """
+    from srcore.models.interpolate import IncompatibleGenerators
+    from srcore.precision import resolve
+    from srcore.stages import UserError
+    from srcore.training.runtime import resolve_device
+
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file; -o takes a folder for the upscaled images")
+    if alpha is not None:
+        alpha = _alpha_option(alpha)
     try:
         where = resolve_device(device)
     except RuntimeError as err:
         raise UserError(f"--device cuda: {err}") from None
-    generator = generator.to(where).eval()
+    loaded = load_generators(model, srresnet, "skip" if alpha is None else "required")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    generator = generator.to(memory_format=memory_format)
-    written, failures = upscale_files(
-        generator, inputs, out, tile=tile, overlap=overlap, fmt=fmt, max_pixels=max_pixels,
-        device=where, memory_format=memory_format)
+    chosen = resolve(precision, where)
+    generator = _placed(loaded.generator, where, memory_format)
+    if alpha is None:
+        generator = for_inference(generator, chosen, memory_format)
+    else:
+        base = _placed(loaded.srresnet, where, memory_format) if loaded.srresnet else None
+        try:
+            generator = GeneratorSet(
+                generator, base, source=loaded.source,
+                prepare=lambda network: for_inference(network, chosen, memory_format),
+            ).at(alpha)
+        except (IncompatibleGenerators, MissingSRResNet) as err:
+            raise UserError(str(err)) from None
+    print(f"upscale: {chosen.describe()}", file=sys.stderr)
+    try:
+        written, failures = upscale_files(
+            generator, inputs, out, tile=tile, overlap=overlap, fmt=fmt,
+            max_pixels=max_pixels, device=where, memory_format=memory_format,
+            precision=chosen)
+    except NonFiniteOutput as err:
+        raise UserError(f"{loaded.source}: {err}") from None
     total = len(written) + len(failures)
     print(f"srgan upscale: wrote {len(written)} of {total} image(s) to {output}"
           + (f"; {len(failures)} failed: " + ", ".join(f.source for f in failures)
              if failures else ""))
     return min(len(failures), 100)
+
+
+def _alpha_option(alpha: float) -> float:
+    from srcore.stages import UserError
+
+    try:
+        return check_alpha(alpha, "--alpha")
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def _placed(model: nn.Module, device: torch.device, fmt: torch.memory_format) -> nn.Module:
+    return model.to(device).to(memory_format=fmt).eval()
