@@ -11,6 +11,7 @@ import torch
 from srcore import config
 from srcore.data.datasets import Pair, RandomCropBatches, load_pairs
 from srcore.data.images import ImageError, save_png
+from srcore.data.manifest import write_manifest
 from srcore.training.loop import batches
 from srcore.training.runtime import memory_format
 from tests.conftest import tiny_params_dict
@@ -133,10 +134,12 @@ def test_load_pairs_checks_partners_and_scale(tmp_path: Path) -> None:
     p = _pair("x", 6, 8, 0)
     save_png(p.hr, tmp_path / "set" / "HR" / "x.png")
     save_png(p.lr, tmp_path / "set" / "LR" / "x.png")
+    write_manifest(tmp_path / "set", {})
     assert load_pairs(tmp_path, "set", S)[0].hr.shape == (24, 32, 3)
     with pytest.raises(ImageError, match="another scale"):
         load_pairs(tmp_path, "set", 2)
     save_png(p.hr, tmp_path / "set" / "HR" / "y.png")
+    write_manifest(tmp_path / "set", {})
     with pytest.raises(FileNotFoundError, match="y.png"):
         load_pairs(tmp_path, "set")
 

@@ -1,7 +1,12 @@
-"""Training batches of aligned random crops, and whole-image pairs for evaluation."""
+"""Training batches of aligned random crops, and whole-image pairs for evaluation.
+
+Prepared sets live in prepared/<split>/<set>/{HR,LR} with a manifest.json; every reader checks
+the set against its manifest before decoding it (srcore.data.manifest).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +14,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from srcore.config import DataConfig
 from srcore.data.images import ImageError, list_images, load_image, to_rgb
+from srcore.data.manifest import MANIFEST, ManifestError, verify_set
+from srcore.layout import SPLITS
 
 
 @dataclass(frozen=True)
@@ -19,13 +27,48 @@ class Pair:
     lr: np.ndarray
 
 
+def _is_set(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file() or (folder / "HR").is_dir()
+
+
+def find_set(prepared: Path, set_name: str) -> Path:
+    """The folder of a prepared set: the one split folder of prepared/ that holds it, or
+    `prepared/<set>` when `prepared` is itself a split folder (prepared/train)."""
+    found = [prepared / split / set_name for split in SPLITS
+             if _is_set(prepared / split / set_name)]
+    if len(found) > 1:
+        raise ManifestError(f"{found[0]} and {found[1]}: set '{set_name}' is prepared twice; "
+                            "run `srgan prepare` (or `dvc repro`)")
+    if found:
+        return found[0]
+    if _is_set(prepared / set_name):
+        return prepared / set_name
+    raise FileNotFoundError(f"{prepared / '<split>' / set_name}: missing; run `srgan prepare` "
+                            "(or `dvc repro`)")
+
+
+def verify_prepared(prepared: Path, data: DataConfig, splits: Iterable[str]) -> None:
+    """Check every set of `splits` (data.train, ...) against its manifest before a stage does
+    any work: a removed or altered HR/LR file stops it with one line naming the file and the
+    fix, instead of training on what is left."""
+    for split in splits:
+        for spec in getattr(data, split):
+            folder = prepared / split / spec.name
+            if not folder.is_dir():
+                raise ManifestError(f"{folder}: missing; run `srgan prepare` (or `dvc repro`)")
+            verify_set(folder)
+
+
 def load_pairs(prepared: Path, set_name: str, scale: int | None = None) -> list[Pair]:
-    """Decode prepared/<set>/{HR,LR}; a missing partner or wrong size names the file.
+    """Decode a prepared set's HR/LR pairs once it matches its manifest; a missing partner
+    or wrong size names the file.
 
     With `scale`, HR must be exactly `scale` times LR: a set prepared for another scale would
     otherwise train on misaligned crops without any error.
     """
-    hr_dir, lr_dir = prepared / set_name / "HR", prepared / set_name / "LR"
+    set_dir = find_set(prepared, set_name)
+    verify_set(set_dir)
+    hr_dir, lr_dir = set_dir / "HR", set_dir / "LR"
     if not hr_dir.is_dir():
         raise FileNotFoundError(f"{hr_dir}: missing; run `srgan prepare` (or `dvc repro`)")
     pairs = []

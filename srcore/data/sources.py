@@ -394,3 +394,28 @@ def materialize(
         return target
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def source_key(spec: DatasetSpec, project: Path) -> dict[str, object]:
+    """What materialising `spec` into data/ depends on, so an unchanged source need not be
+    fetched, added to DVC and pushed again: the spec itself and, for the embedded sample and
+    local files or folders, the sha256 of every file it would copy. A URL stands for its
+    content: its download is cached per URL and reused once verified (see module doc)."""
+    from srcore.data.download import sha256_file
+
+    source = resolve(spec)
+    key: dict[str, object] = {"spec": spec.model_dump(mode="json")}
+    if source.embedded:
+        data_dir = _skimage_data_dir()
+        key["files"] = {name: sha256_file(data_dir / name) if (data_dir / name).is_file()
+                        else None for name in source.embedded}
+        return key
+    local = _local_path(source.urls[0], project)
+    if local is None:
+        return key
+    if local.is_dir():
+        key["files"] = {str(p.relative_to(local)): sha256_file(p)
+                        for p in sorted(local.glob(source.layout)) if p.is_file()}
+    else:
+        key["files"] = {local.name: sha256_file(local) if local.is_file() else None}
+    return key

@@ -1,8 +1,9 @@
-"""`srgan check-data`: dvc.yaml's guard stage, run before prepare.
+"""`srgan check-data`: dvc.yaml's guard stage, run before anything reads data/.
 
-DVC's own error for a missing `data` dependency does not say how to get it; this stage names
-the missing set and the fix (`srgan download`, or `dvc pull` where data.dvc has a remote). Its
-output, .srgan/data-check.json, is what prepare depends on first.
+DVC's own error for a missing `data` dependency does not say how to get it, so this stage does
+not depend on data/ (it runs on a fresh clone, whose dvc.lock lists an output it lacks) and
+names the missing set and the fix (`srgan download`, or `dvc pull` where data.dvc has a
+remote). Its output, .srgan/data-check.json, is what hash-data depends on first.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 from srcore.config import Params
 from srcore.data.images import list_images
 from srcore.layout import Layout, write_json
+
+#: params.yaml keys whose values change this stage's result (dvc.yaml's params).
+PARAMS = ("data.train", "data.val", "data.test")
 
 
 class MissingDataError(FileNotFoundError):
