@@ -5,7 +5,7 @@ Usage: python benchmarks/train_throughput.py [--blocks 16] [--channels 64] [--ba
        [--params params.yaml] [--cpu-bf16]
 
 "project" is the step the stages run (srcore.training.steps: make_pretrain_step, ..._finetune_step)
-with the runtime settings of params.yaml: channels_last, bf16 autocast (CUDA), fused Adam,
+with the runtime settings of params.yaml: channels_last, runtime.precision, fused Adam,
 torch.compile when runtime.compile is on; SRResNet's tail as NarrowOutputConv2d (computed as
 a transposed convolution on CPU); for finetune, D's weights frozen during G's backward.
 "plain" is the textbook eager step of the same weights: nn.Conv2d tail, NCHW, fp32, default
@@ -219,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model SRResNet B={params.model.blocks} C={params.model.channels} x{params.scale}, "
           f"D base 64; batch {args.batch} x {args.crop}x{args.crop} HR; {args.iters} timed "
           f"steps (+{args.warmup} warm-up) per variant, alternating")
-    print(f"project runtime (params.yaml): channels_last={rt.channels_last} amp={rt.amp} "
-          f"(bf16, CUDA only) compile={rt.compile} fused_adam=True")
+    print(f"project runtime (params.yaml): channels_last={rt.channels_last} precision="
+          f"{runtime.precision(params, device).describe()} compile={rt.compile} fused_adam=True")
     print(f"{'stage':9s} {'variant':17s} {'patch/s':>8s} {'ms/step':>9s} {'GFLOP/patch':>11s} "
           f"{'GFLOP/s':>8s} {'vs plain':>8s}")
     for stage in args.stages.split(","):

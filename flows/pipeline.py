@@ -14,21 +14,21 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from filelock import FileLock, Timeout  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_link_artifact, create_markdown_artifact  # noqa: E402
 from prefect.deployments.runner import RunnerDeployment  # noqa: E402
 
-from srcore import config, tracking, versioning  # noqa: E402
+from srcore import config, preflight, tracking, versioning, workspace  # noqa: E402
 from srcore.cli import failure_path, run_stage  # noqa: E402
 from srcore.data.download import DownloadError  # noqa: E402
 from srcore.report import table  # noqa: E402
+from srcore.workspace import WorkspaceBusy, tracking_store  # noqa: E402
 
 DVC_STAGES = versioning.STAGES
 #: The stages `force` accepts; a Literal so the Prefect UI offers them as a multi-select.
@@ -71,14 +71,13 @@ def dvc_stage(stage: str, root: str, force: bool) -> list[str]:
     started = time.perf_counter()
     try:
         ran = versioning.reproduce(Path(root), stage, force=force)
-    except versioning.VersioningError as err:
-        # DVC only knows the exit status; the stage left its own one-line reason on disk.
-        reason = failure_path(Path(root), stage)
-        why = reason.read_text().strip() if reason.is_file() else str(err)
-        guard = failure_path(Path(root), versioning.GUARD_STAGE)
-        if stage == "prepare" and guard.is_file():
-            why = guard.read_text().strip()
-        raise StageFailed(f"stage '{stage}' failed: {why}") from None
+    except versioning.StageFailed as err:
+        # DVC only knows the exit status; the stage (or the guard or hash-data before
+        # prepare) left its own one-line reason on disk. DVC had deleted its outputs: they
+        # were checked out again (err.restored), so the last good ones stay.
+        reason = failure_path(Path(root), err.stage.split("@")[0])
+        why = reason.read_text().strip() if reason.is_file() else err.cause
+        raise StageFailed(f"stage '{err.stage}' failed: {why}{err.restored}") from None
     seconds = time.perf_counter() - started
     if ran:
         logger.info("%s: ran in %.1f s", stage, seconds)
@@ -93,12 +92,11 @@ def _version_lines(root: Path, ui_url: str) -> list[str]:
     models = tracking.model_links(["srresnet", "srgan"], ui_url)
     frame = tracking.compare(list(models))
     lines = []
-    for stage, name in (("pretrain", "srresnet"), ("finetune", "srgan")):
+    for name in ("srresnet", "srgan"):
         text, url = models[name]
         line = f"- registered [{name}]({url}): {text}"
-        path = root / "metrics" / f"{stage}.json"
-        version = json.loads(path.read_text()).get("registered_version") if path.is_file() \
-            else None
+        # models/<name>.pt holds no version number (DVC tracks it): found by its sha256 tag
+        version = tracking.version_of_file(name, root / "models" / f"{name}.pt")
         if version is not None:
             rows = frame[(frame["model"] == name) & (frame["version"] == int(version))] \
                 if not frame.empty else frame
@@ -140,46 +138,23 @@ def publish(root: str, parent_run_id: str, ui_url: str) -> str:
     return markdown
 
 
-class WorkspaceBusy(RuntimeError):
-    """Another pipeline run holds the workspace; the message says which lock file."""
+#: What a run that finds the workspace busy says: the two ways to let it wait.
+WAIT_HINT = ("let this run wait: `python -m flows.pipeline run --lock-timeout SECONDS` (a "
+             "deployment's lock_timeout_s parameter)")
 
 
-@contextlib.contextmanager
-def workspace_lock(root: Path, timeout_s: float) -> Iterator[None]:
-    """One pipeline run per workspace: two runs writing params.yaml, data/, prepared/ and
-    models/ at once would corrupt each other. The second waits up to timeout_s, then stops
-    clearly."""
-    lock_path = root / ".srgan.lock"
-    lock = FileLock(lock_path)
-    try:
-        lock.acquire(timeout=timeout_s)
-    except Timeout:
-        raise WorkspaceBusy(
-            f"another srgan pipeline run is using {root} (lock {lock_path}); wait for it to "
-            "finish, or pass lock_timeout_s to wait"
-        ) from None
-    try:
-        yield
-    finally:
-        lock.release()
+def workspace_lock(root: Path, timeout_s: float) -> contextlib.AbstractContextManager[None]:
+    """One pipeline run per workspace (srcore.workspace): the second waits up to timeout_s,
+    then stops clearly; `srgan <stage>` by hand takes the same lock, and the stages this run
+    starts through DVC inherit it."""
+    return workspace.workspace_lock(root, timeout_s, WAIT_HINT)
 
 
-@contextlib.contextmanager
-def tracking_store(root: Path) -> Iterator[None]:
-    """Pin MLflow to root's store for this run when MLFLOW_TRACKING_URI is unset.
-
-    The default store is relative to the working directory: a deployment started in one
-    directory with `root` edited to another in the UI would put the parent run in one
-    mlflow.db and the stage runs (which DVC starts in root) in another.
-    """
-    if "MLFLOW_TRACKING_URI" in os.environ:
-        yield
-        return
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    try:
-        yield
-    finally:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
+def _preflight(params: config.Params, params_path: str, root: Path,
+               skip_download: bool) -> None:
+    """Everything params.yaml and the registry can tell, before the first task."""
+    stages = ([] if skip_download else ["download"]) + list(DVC_STAGES)
+    preflight.check(params, params_path, root, stages)
 
 
 @flow(name="srgan-pipeline", log_prints=True)
@@ -210,17 +185,36 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
             if not overlay_file.is_file():
                 raise config.ConfigError(f"overlay {overlay_file}: no such file")
             # Inside the lock: params.yaml is an input of every stage of a concurrent run.
+            before = params_file.read_bytes()
             params = config.apply_overlay(params_file, overlay_file)
+            try:
+                _preflight(params, params_path, root_path, skip_download)
+            except preflight.PreflightError:
+                _restore(params_file, before)  # refused before any work: as it was
+                raise
             print(f"applied overlay {overlay} to {params_file.name}")
-        with tracking.pipeline_run(params.tracking.experiment) as parent_id:
+        else:
+            _preflight(params, params_path, root_path, skip_download)
+        # DVC's "git add" hint once per run (below), not once per stage
+        with tracking.pipeline_run(params.tracking.experiment) as parent_id, \
+                versioning.deferred_git_hints():
             if not skip_download:
                 download(str(params_file), str(root_path))
             for stage in DVC_STAGES:
                 dvc_stage.with_options(name=f"dvc repro {stage}")(
                     stage, str(root_path), stage in force_set)
             markdown = publish(str(root_path), parent_id, params.tracking.ui_url)
+        hint = versioning.git_hint(root_path)
     print(markdown)
+    if hint:
+        print(hint)
     return markdown
+
+
+def _restore(path: Path, content: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.restore")
+    tmp.write_bytes(content)
+    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -235,14 +229,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--overlay", default=None,
                        help="YAML overlay merged into params.yaml before the run "
                             "(e.g. configs/paper.yaml)")
+    run_p.add_argument("--lock-timeout", type=float, default=0.0, metavar="SECONDS",
+                       help="how long to wait for another srgan run on this project to finish "
+                            "(default: %(default)s, i.e. stop at once)")
     serve_p.add_argument("--cron", default="0 3 * * *", help="schedule (default: nightly 03:00)")
     serve_p.add_argument("--name", default="nightly")
     args = parser.parse_args(argv)
     if args.command == "run":
         try:
-            pipeline(params_path=args.params, root=".", force=args.force, overlay=args.overlay)
+            # The lock before the flow call: Prefect's first start on a fresh PREFECT_HOME
+            # creates its database, which two simultaneous runs would race on.
+            root = Path.cwd()
+            _preflight(config.load(args.params), args.params, root, skip_download=False)
+            with workspace_lock(root, args.lock_timeout):
+                pipeline(params_path=args.params, root=".", force=args.force,
+                         overlay=args.overlay, lock_timeout_s=args.lock_timeout)
         except (config.ConfigError, versioning.VersioningError, StageFailed, WorkspaceBusy,
-                *TRANSIENT) as err:
+                tracking.ForeignArtifactStore, *TRANSIENT) as err:
             print(f"srgan pipeline: error: {err}", file=sys.stderr)
             return 2
         return 0

@@ -26,11 +26,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from srcore.models.vgg import VGGWeightsMissing
     from srcore.stages.check_data import MissingDataError
     from srcore.training.checkpoints import CheckpointMismatch
+    from srcore.training.guard import Diverged
     from srcore.versioning import VersioningError
+    from srcore.workspace import WorkspaceBusy
 
     errors: list[type[BaseException]] = [
         UserError, config.ConfigError, ImageError, MissingDataError, SourceError,
         VGGWeightsMissing, CheckpointMismatch, VersioningError, FileNotFoundError,
+        Diverged, WorkspaceBusy,
     ]
     try:
         from srcore.data.download import DownloadError
@@ -77,11 +80,34 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     return upscale_command(
         args.inputs, args.output, model=args.model, tile=args.tile, overlap=args.overlap,
         fmt=args.format, max_pixels=args.max_pixels, device=args.device,
-        channels_last=args.channels_last)
+        channels_last=args.channels_last, alpha=args.alpha, srresnet=args.srresnet,
+        precision=args.precision)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from srcore.server import ServerOptions, serve_command
+
+    return serve_command(ServerOptions(
+        model=args.model, srresnet=args.srresnet, host=args.host, port=args.port,
+        slots=args.slots, queue=args.queue, timeout_s=args.timeout, tile=args.tile,
+        overlap=args.overlap, max_pixels=args.max_pixels, max_body_bytes=args.max_body_bytes,
+        device=args.device, precision=args.precision, channels_last=args.channels_last))
+
+
+def cmd_study(args: argparse.Namespace) -> None:
+    from srcore import studies
+
+    study = studies.STUDIES[args.study_command]
+    try:
+        studies.run_study(Path(args.root).resolve(), study, args.values or study.values)
+    except studies.StudyError as err:
+        raise UserError(str(err)) from None
 
 
 def cmd_params_apply(args: argparse.Namespace) -> None:
-    params = config.apply_overlay(Path(args.params), Path(args.overlay))
+    # Under the workspace lock: params.yaml is an input of every stage of a running pipeline.
+    with _workspace(args):
+        params = config.apply_overlay(Path(args.params), Path(args.overlay))
     print(f"{args.params}: applied {args.overlay} (scale {params.scale}, "
           f"content loss {params.finetune.content_loss})")
 
@@ -91,8 +117,10 @@ HELP = {
                 "data` and push to the default DVC remote.",
     "check-data": "Check that every configured dataset is in data/ (the first dvc.yaml stage, "
                   "so a fresh clone is told to run `srgan download` or `dvc pull`).",
+    "hash-data": "Write .srgan/data-<split>.json (each split's sets and image hashes), what "
+                 "each split's prepare depends on; refuses two sets that share an image.",
     "prepare": "Crop HR images to a multiple of the scale and make their MATLAB-bicubic LR "
-               "into prepared/<set>/{HR,LR}/.",
+               "into prepared/<split>/<set>/{HR,LR}/ with a manifest.json per set.",
     "pretrain": "Train SRResNet with pixel MSE; writes models/srresnet.pt and "
                 "metrics/pretrain.json, logs to MLflow and registers 'srresnet'. Resumes from "
                 "checkpoints/pretrain.pt after an interruption.",
@@ -111,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", default="params.yaml",
                         help="params file (default: %(default)s)")
     parser.add_argument("--root", default=".", help="project root (default: current directory)")
+    parser.add_argument("--lock-timeout", type=float, default=0.0, metavar="SECONDS",
+                        help="how long a stage (or `params apply`) waits for another srgan "
+                             "run on the same root to finish (default: %(default)s, i.e. stop "
+                             "at once)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in STAGES:
         p = sub.add_parser(
@@ -120,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "download":
             p.add_argument("--no-dvc", action="store_true",
                            help="only write data/, skip `dvc add` and push")
+        if name == "prepare":
+            p.add_argument("--split", choices=config.SPLITS, default=None,
+                           help="make only prepared/SPLIT (dvc.yaml's prepare@SPLIT); "
+                                "default: all of prepared/, swapped in whole")
     params_p = sub.add_parser("params", help="manage params.yaml (apply an overlay)")
     params_sub = params_p.add_subparsers(dest="params_command", required=True)
     apply_p = params_sub.add_parser(
@@ -139,8 +175,33 @@ def build_parser() -> argparse.ArgumentParser:
     promote_p.add_argument("version")
     promote_p.add_argument("--reason", required=True,
                            help="why (recorded on the version with who and when)")
+    _add_study_parser(sub)
     _add_upscale_parser(sub)
     return parser
+
+
+def _add_study_parser(sub: Any) -> None:
+    study_p = sub.add_parser(
+        "study", help="the paper's studies as DVC experiments (queued, run, tabulated)",
+        description="Queue one `dvc exp run` per variant, run the queue, print the table and "
+                    "write studies/<study>.{csv,png}. Needs the main job's dvc.lock and "
+                    "data.dvc committed; a variant seen before comes from DVC's run cache.")
+    study_sub = study_p.add_subparsers(dest="study_command", required=True)
+    depth = study_sub.add_parser("depth", help="SRResNet (and SRGAN) PSNR-Y against the "
+                                 "number of residual blocks B (model.blocks)")
+    depth.add_argument("values", nargs="*", type=_positive, metavar="B",
+                       help="the values of B (default: 2 4 8 16)")
+    loss = study_sub.add_parser("content-loss", help="SRGAN with an MSE, VGG22 or VGG54 "
+                                "content loss (finetune.content_loss); VGG needs the ImageNet "
+                                "VGG19 weights, cached or fetchable")
+    loss.add_argument("values", nargs="*", type=_content_loss, metavar="LOSS",
+                      help="mse, vgg22 or vgg54 (default: all three)")
+
+
+def _content_loss(text: str) -> str:
+    if text not in ("mse", "vgg22", "vgg54"):
+        raise argparse.ArgumentTypeError(f"must be mse, vgg22 or vgg54, got {text!r}")
+    return text
 
 
 def _positive(text: str) -> int:
@@ -196,13 +257,135 @@ def _add_upscale_parser(sub: Any) -> None:
                    help="where to run the generator (default: %(default)s)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels_last memory format (default: on)")
+    p.add_argument("--alpha", type=_unit_interval, default=None,
+                   help="point between SRResNet (0) and SRGAN (1): every weight blended as "
+                        "(1-a) SRResNet + a SRGAN (default: the model as it is)")
+    p.add_argument("--srresnet", default=None, metavar="PATH",
+                   help="with a .pt --model and --alpha: the SRResNet it was fine-tuned from "
+                        "(default: srresnet.pt beside it; a registered srgan carries its own)")
+    _add_precision(p)
+    _add_serve_parser(sub)
+
+
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    from srcore.serving import PRECISIONS  # srcore.precision's, without importing torch
+
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto = bf16 where the hardware runs it natively (2.5-3x faster on "
+                        "an AVX512-BF16 CPU; README), else fp32; fp32 is bit-exact "
+                        "(default: auto)")
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def _add_serve_parser(sub: Any) -> None:
+    from srcore.serving import (
+        DEFAULT_MAX_BODY_BYTES,
+        DEFAULT_MAX_PIXELS,
+        DEFAULT_QUEUE,
+        DEFAULT_SLOTS,
+        DEFAULT_TILE,
+        DEFAULT_TIMEOUT_S,
+    )
+
+    text = ("Serve a generator over HTTP with MLflow's scoring protocol (POST /invocations "
+            "with dataframe_split / dataframe_records / inputs and a base64 'image' column; "
+            "params alpha and tile; GET /ping, /health, /version, /stats). A fixed number of "
+            "compute slots and a short queue: beyond them a request is refused at once with "
+            "503 and Retry-After; a request whose client left or whose --timeout passed stops "
+            "at the next tile.")
+    p = sub.add_parser("serve", help="serve a generator over HTTP, refusing overload at once",
+                       description=text)
+    p.add_argument("--model", default="models:/srgan@champion",
+                   help="models:/NAME@ALIAS, models:/NAME/VERSION or a .pt file "
+                        "(default: %(default)s)")
+    p.add_argument("--srresnet", default=None, metavar="PATH",
+                   help="with a .pt --model: the SRResNet for alpha blends (default: "
+                        "srresnet.pt beside it, when there)")
+    p.add_argument("--host", default="127.0.0.1", help="address (default: %(default)s)")
+    p.add_argument("--port", type=_positive, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--slots", type=_positive, default=DEFAULT_SLOTS,
+                   help="requests computed at once (default: %(default)s; one forward already "
+                        "uses every core)")
+    p.add_argument("--queue", type=_non_negative, default=DEFAULT_QUEUE,
+                   help="admitted requests that may wait for a slot (default: %(default)s)")
+    p.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S,
+                   help="seconds from arrival until a request is answered 504 and its work "
+                        "stops (default: %(default)s)")
+    p.add_argument("--tile", type=_positive, default=DEFAULT_TILE,
+                   help="largest tile side in input pixels; bounds memory per slot, and a "
+                        "request's params.tile may only lower it (default: %(default)s)")
+    p.add_argument("--overlap", type=_non_negative, default=None,
+                   help="context per tile side (default: as srgan upscale)")
+    p.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS,
+                   help="most input pixels per request, all its images together "
+                        "(default: %(default)s = 4096x4096)")
+    p.add_argument("--max-body-bytes", type=_positive, default=DEFAULT_MAX_BODY_BYTES,
+                   help="largest request body (default: %(default)s)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to run the generator (default: %(default)s)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels_last memory format (default: on)")
+    _add_precision(p)
 
 
 def run_stage(stage: str, params_path: str | Path = "params.yaml", root: str | Path = ".",
               **options: Any) -> None:
-    """Run one stage in this process, raising on failure (the Prefect flow's download task)."""
+    """Run one stage in this process, raising on failure (the Prefect flow's download task;
+    the flow has already checked the params and holds the workspace lock)."""
     params = config.load(params_path)
     run_function(stage)(params, Layout(Path(root).resolve()), **options)
+
+
+#: What a stage run by hand says when another run holds the workspace.
+WAIT_HINT = "pass --lock-timeout SECONDS to wait"
+
+
+def _workspace(args: argparse.Namespace) -> Any:
+    """The workspace lock and MLflow store of `--root`. Under torchrun only rank 0 locks: the
+    other ranks write nothing, and N processes must not wait for each other."""
+    import contextlib
+
+    from srcore.workspace import tracking_store, workspace_lock
+
+    root = Path(args.root).resolve()
+    stack = contextlib.ExitStack()
+    if not int(os.environ.get("RANK", "0")):
+        stack.enter_context(workspace_lock(root, args.lock_timeout, WAIT_HINT))
+    stack.enter_context(tracking_store(root))
+    return stack
+
+
+def run_by_hand(args: argparse.Namespace, **options: Any) -> None:
+    """`srgan <stage>` from a shell, DVC or torchrun: everything params.yaml and the registry
+    can tell is checked first (srcore.preflight), then the stage runs under the workspace
+    lock, so it never interleaves with a scheduled run (whose own stages, started through
+    DVC, inherit its lock)."""
+    from srcore import preflight
+
+    params = config.load(args.params)
+    root = Path(args.root).resolve()
+    preflight.check(params, args.params, root, [args.command])
+    with _workspace(args):
+        run_function(args.command)(params, Layout(root), **options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -210,12 +393,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "upscale":
             return cmd_upscale(args)
-        if args.command in ("params", "report", "models"):
-            {"params": cmd_params_apply, "report": cmd_report, "models": cmd_models}[
-                args.command](args)
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command in ("params", "report", "models", "study"):
+            {"params": cmd_params_apply, "report": cmd_report, "models": cmd_models,
+             "study": cmd_study}[args.command](args)
             return 0
-        options = {"no_dvc": args.no_dvc} if args.command == "download" else {}
-        run_stage(args.command, args.params, args.root, **options)
+        options = ({"no_dvc": args.no_dvc} if args.command == "download"
+                   else {"split": args.split} if args.command == "prepare" else {})
+        run_by_hand(args, **options)
     except _user_errors() as err:
         print(f"srgan {args.command}: error: {err}", file=sys.stderr)
         _record_failure(args, str(err))

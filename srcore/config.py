@@ -147,7 +147,8 @@ class RuntimeConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"]
     num_workers: NonNegInt
     channels_last: bool
-    amp: bool
+    # bf16 autocast or fp32 (srcore.precision): auto = bf16 where the device runs it natively
+    precision: Literal["auto", "bf16", "fp32"]
     compile: bool
     deterministic: bool
     ema_decay: Annotated[float, Field(gt=0, lt=1)] | None

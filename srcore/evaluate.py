@@ -376,7 +376,8 @@ def evaluate(params: Params, prepared: Path, generators: dict[str, nn.Module],
     keep = params.evaluate.grid_images
     with torch.inference_mode(), _exact_fp32():
         for spec in params.data.scored_sets:
-            pairs = load_pairs(prepared, spec.name, params.scale)
+            pairs = load_pairs(prepared / params.data.split_of(spec.name), spec.name,
+                               params.scale)
             frame, images = score_set(pairs, generators, params, spec.name, keep, device)
             frames.append(frame)
             grid = comparison_grid(pairs, images, params.scale, keep)

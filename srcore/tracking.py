@@ -27,19 +27,74 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from srcore.stages import UserError  # noqa: E402
+
 PARENT_ENV = "SRGAN_PARENT_RUN_ID"
 DEFAULT_URI = "sqlite:///mlflow.db"
 
 
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI when set (a server, another store), else the local SQLite store."""
-    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
+    """MLFLOW_TRACKING_URI when set (a server, another store), else the local SQLite store:
+    the project's own, also when `dvc exp run --queue` runs a stage in a temporary copy of
+    the project (DVC then points DVC_ROOT at the project)."""
+    if "MLFLOW_TRACKING_URI" in os.environ:
+        return os.environ["MLFLOW_TRACKING_URI"]
+    from srcore.versioning import project_root
+
+    project = project_root(Path.cwd())
+    return DEFAULT_URI if project == Path.cwd().resolve() else f"sqlite:///{project / 'mlflow.db'}"
+
+
+class ForeignArtifactStore(UserError):
+    """A local store whose experiment keeps its artifacts outside the store's folder: an
+    mlflow.db copied from another workspace (MLflow records absolute artifact paths)."""
+
+
+def local_store_dir(uri: str) -> Path | None:
+    """The folder of a local SQLite store (`sqlite:///<path>`), None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return Path(path).expanduser().resolve().parent
+
+
+def _local_path(location: str) -> Path | None:
+    """An artifact location as a local path (plain or file:), None for s3:, http: etc."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    return Path(location) if parsed.scheme == "" else None
 
 
 def configure(experiment: str) -> str:
-    """Point MLflow at the store and experiment; returns the experiment id."""
-    mlflow.set_tracking_uri(tracking_uri())
+    """Point MLflow at the store and experiment; returns the experiment id.
+
+    A local SQLite store keeps its artifacts beside it (<store folder>/mlruns/...), wherever
+    the working directory is: MLflow's default is ./mlruns of the process that first creates
+    the experiment, and it records that absolute path for good. An experiment whose
+    artifacts lie outside the store's folder means a store copied from another workspace,
+    which would write into the original's mlruns/: refused, saying how to go on.
+    """
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    store = local_store_dir(uri)
+    if store is not None and MlflowClient().get_experiment_by_name(experiment) is None:
+        folder = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
+        with contextlib.suppress(mlflow.exceptions.MlflowException):  # made meanwhile: fine
+            MlflowClient().create_experiment(experiment, str(store / "mlruns" / folder))
     exp = mlflow.set_experiment(experiment)
+    where = _local_path(exp.artifact_location) if store is not None else None
+    if where is not None and not where.resolve().is_relative_to(store):
+        raise ForeignArtifactStore(
+            f"{store / 'mlflow.db'}: experiment '{experiment}' keeps its artifacts in {where}, "
+            f"outside {store}; this store was copied from another workspace (MLflow records "
+            "absolute artifact paths) and would write into that one's mlruns/. Move mlflow.db "
+            "(and mlruns/) aside to start a fresh store here, or set MLFLOW_TRACKING_URI to "
+            "the original store to log there")
     return exp.experiment_id
 
 
@@ -109,18 +164,29 @@ class Tracker:
             self._client.set_tag(self.run_id, k, str(v))
 
     def log_generator(self, model: Any, name: str, register: bool,
-                      tags: Mapping[str, Any] | None = None) -> str | None:
+                      tags: Mapping[str, Any] | None = None, *, blend_base: Any = None,
+                      serve_alpha: float | None = None) -> str | None:
         """Log G as a pickled PyTorch model that also serves images, optionally registered.
 
         The default pt2 format would fix batch, height and width to the example's; the pickle
         format keeps the network fully convolutional, so `mlflow.pytorch.load_model` gives an
         nn.Module for (N,3,H,W) of any size. Its pyfunc flavor is ours (`_save_generator`):
         base64 images in, base64 PNGs out, which `mlflow models serve` exposes over HTTP.
-        Returns the registered version, if any.
+        `blend_base`: the SRResNet G was fine-tuned from, stored beside it (data/srresnet.pt)
+        so a request may ask for any point between the two (`alpha`, default `serve_alpha`);
+        `mlflow.pytorch.load_model` still returns G alone. Returns the registered version.
         """
         import torch
 
+        if blend_base is None and serve_alpha not in (None, 1.0):
+            raise ValueError(f"serve_alpha {serve_alpha} needs the blend_base to blend with")
+        alpha = 1.0 if serve_alpha is None else float(serve_alpha)
+        if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+            raise ValueError(f"serve_alpha must be in [0, 1], got {serve_alpha!r}")
+        _check_finite(model, f"{name} (to be logged)")
         model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+        if blend_base is not None:
+            _check_finite(blend_base, f"{name}'s SRResNet (to be logged)")
         with _active(self.run_id):
             info = mlflow.models.Model.log(
                 artifact_path=None,  # deprecated in favour of name, but still positional
@@ -128,15 +194,18 @@ class Tracker:
                 flavor=SimpleNamespace(save_model=_save_generator),
                 flavor_name="mlflow.pytorch",  # what mlflow.pytorch.log_model records
                 pytorch_model=model,
-                signature=_serving_signature(),
+                signature=_serving_signature(alpha if blend_base is not None else None),
                 serialization_format="pickle",
                 pickle_module=mlflow.pytorch.pickle_module,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "srgan-pipeline"],
                 registered_model_name=name if register else None,
+                srgan_blend_base=blend_base,
+                srgan_serve_alpha=alpha,
             )
         version = getattr(info, "registered_model_version", None)
         if register and version is not None:
-            for k, v in {**self._provenance(), **(tags or {})}.items():
+            extra = {"serve_alpha": alpha} if blend_base is not None else {}
+            for k, v in {**self._provenance(), **extra, **(tags or {})}.items():
                 self._client.set_model_version_tag(name, str(version), k, str(v))
         return None if version is None else str(version)
 
@@ -221,13 +290,16 @@ def log_to_run(run_id: str, metrics: Mapping[str, float]) -> None:
 
 
 def load_generator(uri: str) -> Any:
-    """Load a logged generator (e.g. models:/srgan/1 or models:/srgan@champion) on the CPU."""
+    """Load a logged generator (e.g. models:/srgan/1 or models:/srgan@champion) on the CPU;
+    one whose weights are not all finite (a diverged training) is refused."""
     mlflow.set_tracking_uri(tracking_uri())
     try:
-        return mlflow.pytorch.load_model(uri, map_location="cpu")
+        model = mlflow.pytorch.load_model(uri, map_location="cpu")
     except mlflow.exceptions.MlflowException as err:
         raise RegistryError(f"{uri}: cannot be loaded from {tracking_uri()} ({err.message}); "
                             "see `srgan models compare`, or set MLFLOW_TRACKING_URI") from None
+    _check_finite(model, uri)
+    return model
 
 
 def latest_version(name: str) -> str | None:
@@ -239,6 +311,30 @@ def latest_version(name: str) -> str | None:
         return None
     newest = max((int(v.version) for v in versions), default=None)
     return None if newest is None else str(newest)
+
+
+#: Model-version tag holding the sha256 of the models/<name>.pt file a version was saved as.
+#: DVC-tracked files hold no version number (they must be the same bytes on every run), so a
+#: weights file finds its registered version by content (`version_of_file`).
+FILE_TAG = "file_sha256"
+#: Model-version (and run) tag naming the `dvc exp run` experiment that trained a version.
+EXPERIMENT_TAG = "dvc_experiment"
+
+
+def version_of_file(name: str, path: Path) -> str | None:
+    """The newest registered version of `name` saved as the file at `path` (its FILE_TAG),
+    or None: no such file, no such model, or no version with that content here."""
+    if not path.is_file():
+        return None
+    import hashlib
+
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        versions = _registry().search_model_versions(f"name = '{name}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    matching = [int(v.version) for v in versions if v.tags.get(FILE_TAG) == digest]
+    return str(max(matching)) if matching else None
 
 
 # ------------------------------------------------------------------------------- registry
@@ -563,68 +659,213 @@ def model_links(names: Sequence[str], ui_url: str) -> dict[str, tuple[str, str]]
 # code) and `python_function`, whose loader is this module (images, for `mlflow models serve`).
 # The MLflow model format lets any module with `_load_pyfunc(data_path)` be the pyfunc loader;
 # the server imports it from the installed srgan-pipeline package (`--env-manager local`).
+# A registered srgan also carries the SRResNet it was fine-tuned from (data/srresnet.pt, our
+# weights-only format) and its default alpha (the pyfunc model_config and the signature's
+# `alpha` ParamSpec), so a request can choose its point on the perception-distortion curve.
 
-def _serving_signature() -> Any:
+#: The blend base's file inside the model's data/ folder (beside MLflow's model.pth).
+BLEND_BASE_FILE = "srresnet.pt"
+
+
+class NonFiniteWeights(RegistryError):
+    """A generator with NaN or infinite weights: a diverged training, never served."""
+
+
+def _check_finite(model: Any, what: str) -> None:
+    from srcore.training.checkpoints import non_finite_keys
+
+    bad = non_finite_keys(model.state_dict())
+    if bad:
+        raise NonFiniteWeights(
+            f"{what}: {len(bad)} weight tensor(s) hold NaN or infinity (first: '{bad[0]}'); "
+            "the training that made it diverged; use an earlier version or re-train")
+
+
+def _serving_signature(alpha: float | None = None) -> Any:
+    """Images in and out; params `tile`, and `alpha` (default: the registered serve_alpha)
+    for a model that carries its SRResNet."""
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
     from srcore.serving import DEFAULT_TILE, IMAGE_COLUMN
 
+    params = [ParamSpec("tile", DataType.long, DEFAULT_TILE)]
+    if alpha is not None:
+        params.append(ParamSpec("alpha", DataType.double, float(alpha)))
     return ModelSignature(
         inputs=Schema([ColSpec(DataType.string, IMAGE_COLUMN)]),
         outputs=Schema([ColSpec(DataType.string, IMAGE_COLUMN)]),
-        params=ParamSchema([ParamSpec("tile", DataType.long, DEFAULT_TILE)]),
+        params=ParamSchema(params),
     )
 
 
-def _save_generator(path: str, mlflow_model: Any, **kwargs: Any) -> None:
-    """mlflow.pytorch.save_model, then point the pyfunc flavor's loader at this module.
+def _save_generator(path: str, mlflow_model: Any, srgan_blend_base: Any = None,
+                    srgan_serve_alpha: float = 1.0, **kwargs: Any) -> None:
+    """mlflow.pytorch.save_model, then point the pyfunc flavor's loader at this module and
+    add the blend base (its weights and spec, loaded weights-only) and the default alpha.
 
     Everything else (the pytorch flavor, data/model.pth, requirements) stays as MLflow wrote
     it, so `mlflow.pytorch.load_model` is unaffected.
     """
     mlflow.pytorch.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
-    mlflow_model.flavors["python_function"]["loader_module"] = __name__
+    pyfunc = mlflow_model.flavors["python_function"]
+    pyfunc["loader_module"] = __name__
+    config = pyfunc.setdefault(mlflow.pyfunc.MODEL_CONFIG, {})
+    # overridable at load: model_config, or MLFLOW_PYFUNC_INFERENCE_CONFIG for `models serve`
+    config["precision"] = "auto"
+    if srgan_blend_base is not None:
+        from srcore.training.checkpoints import save_generator
+
+        save_generator(srgan_blend_base, Path(path) / pyfunc["data"] / BLEND_BASE_FILE, {})
+        config["alpha"] = float(srgan_serve_alpha)
     mlflow_model.save(os.path.join(path, "MLmodel"))
 
 
+@dataclass
+class ServedGenerators:
+    """A logged generator as a server uses it: G, the SRResNet it carries (or None) and the
+    alpha a request without one gets."""
+
+    generator: Any
+    srresnet: Any
+    default_alpha: float
+
+
+def load_served_generators(uri: str) -> ServedGenerators:
+    """G, its SRResNet and default alpha from a logged model (models:/srgan@champion, ...), on
+    the CPU; non-finite weights in either are refused, naming the model."""
+    import tempfile
+
+    mlflow.set_tracking_uri(tracking_uri())
+    with tempfile.TemporaryDirectory(prefix="srgan-model-") as tmp:  # all read into memory
+        try:
+            with _quiet_download():
+                local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+        except mlflow.exceptions.MlflowException as err:
+            raise RegistryError(f"{uri}: cannot be loaded from {tracking_uri()} "
+                                f"({err.message}); see `srgan models compare`, or set "
+                                "MLFLOW_TRACKING_URI") from None
+        return _served_from_folder(Path(local), uri)
+
+
+@contextlib.contextmanager
+def _quiet_download() -> Iterator[None]:
+    """No "Downloading artifacts" progress bar: the CLI's stderr is for its one-line answers."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    previous = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous
+
+
+def _served_from_folder(folder: Path, what: str,
+                        model_config: Mapping[str, Any] | None = None) -> ServedGenerators:
+    from mlflow.models import Model
+
+    from srcore.training.checkpoints import CheckpointMismatch, load_generator_file
+
+    try:
+        pyfunc = Model.load(str(folder / "MLmodel")).flavors.get("python_function", {})
+        generator = mlflow.pytorch.load_model(str(folder), map_location="cpu")
+    except (mlflow.exceptions.MlflowException, OSError) as err:
+        raise RegistryError(f"{what}: not a logged generator ({err})") from None
+    _check_finite(generator, what)
+    config = {**(pyfunc.get(mlflow.pyfunc.MODEL_CONFIG) or {}), **(model_config or {})}
+    base_path = folder / pyfunc.get("data", "data") / BLEND_BASE_FILE
+    base = None
+    if base_path.is_file():
+        try:
+            base = load_generator_file(base_path)
+        except CheckpointMismatch as err:
+            raise RegistryError(f"{what}: its SRResNet ({BLEND_BASE_FILE}) is unusable: "
+                                f"{err}") from None
+        _check_finite(base, f"{what} (its SRResNet)")
+    alpha = config.get("alpha")
+    return ServedGenerators(generator, base, 1.0 if alpha is None else float(alpha))
+
+
 def _load_pyfunc(data_path: str, model_config: Mapping[str, Any] | None = None) -> ImageModel:
-    """The pyfunc loader MLflow calls with the model's data/ folder (see `_save_generator`)."""
+    """The pyfunc loader MLflow calls with the model's data/ folder (see `_save_generator`).
+
+    model_config may set `device` (default: cuda when present) and `precision` (auto | bf16 |
+    fp32, default auto: bf16 where the hardware runs it natively); the choice is logged once.
+    """
     import torch
 
-    device = (model_config or {}).get("device") or ("cuda" if torch.cuda.is_available()
-                                                   else "cpu")
-    model = mlflow.pytorch.load_model(str(Path(data_path).parent), map_location="cpu")
-    # channels_last, as `srgan upscale`: 25-35% faster on CPU (benchmarks/upscale.py)
-    model = model.to(device, memory_format=torch.channels_last).eval()
-    return ImageModel(model, device, torch.channels_last)
+    from srcore.precision import resolve
+    from srcore.upscale import GeneratorSet, for_inference
+
+    config = dict(model_config or {})
+    device = config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    served = _served_from_folder(Path(data_path).parent, str(Path(data_path).parent), config)
+    precision = resolve(config.get("precision") or "auto", torch.device(device))
+    # channels_last, as `srgan upscale`: faster on CPU with bf16 (benchmarks/upscale.py)
+    fmt = torch.channels_last
+    generators = GeneratorSet(
+        served.generator.to(device, memory_format=fmt),
+        None if served.srresnet is None else served.srresnet.to(device, memory_format=fmt),
+        source="the served model", default_alpha=served.default_alpha,
+        prepare=lambda network: for_inference(network, precision, fmt))
+    _log_startup(f"srgan served model: {precision.describe()} on {device}, default alpha "
+                 f"{served.default_alpha:g}"
+                 + ("" if served.srresnet is not None else " (no SRResNet: alpha 1 only)"))
+    return ImageModel(generators, device, fmt, precision)
+
+
+def _log_startup(message: str) -> None:
+    """One line on stderr when a server loads the model (`mlflow models serve` shows it)."""
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
 
 
 class ImageModel:
     """The served generator: a column of base64 images in, a column of base64 PNGs out.
 
     Each image is upscaled as `srgan upscale` does with its defaults (grey stays grey, alpha is
-    carried through; srcore/serving.py); an unusable image fails the request with HTTP 400.
+    carried through; srcore/serving.py) at the request's `alpha` (blends cached, see
+    srcore.upscale.GeneratorSet); an unusable image or parameter fails the request with 400.
     """
 
-    def __init__(self, model: Any, device: str, memory_format: Any = None) -> None:
-        self.model, self.device, self.memory_format = model, device, memory_format
+    def __init__(self, generators: Any, device: str, memory_format: Any = None,
+                 precision: Any = None) -> None:
+        self.generators, self.device = generators, device
+        self.memory_format, self.precision = memory_format, precision
+
+    @property
+    def model(self) -> Any:
+        """The generator at the default alpha (what `load_model(...).unwrap_python_model()`
+        users reach for)."""
+        return self.generators.at(None)
 
     def predict(self, data: Any, params: Mapping[str, Any] | None = None) -> pd.DataFrame:
         from srcore.data.images import ImageError
-        from srcore.serving import DEFAULT_TILE, IMAGE_COLUMN, upscale_base64
+        from srcore.serving import IMAGE_COLUMN, request_params, upscale_base64
+        from srcore.upscale import MissingSRResNet, NonFiniteOutput
 
         frame = data if isinstance(data, pd.DataFrame) else pd.DataFrame(data)
         if IMAGE_COLUMN not in frame.columns:
             raise _bad_request(f"expected a column {IMAGE_COLUMN!r} of base64 images, got "
                                f"columns {list(frame.columns)}")
-        tile = int((params or {}).get("tile", DEFAULT_TILE))
         try:
-            out = [upscale_base64(self.model, text, f"{IMAGE_COLUMN}[{i}]", tile,
-                                  device=self.device, memory_format=self.memory_format)
+            alpha, tile = request_params(dict(params or {}))
+            model = self.generators.at(alpha)
+        except (ValueError, MissingSRResNet) as err:
+            raise _bad_request(str(err)) from None
+        try:
+            out = [upscale_base64(model, text, f"{IMAGE_COLUMN}[{i}]", tile,
+                                  device=self.device, memory_format=self.memory_format,
+                                  precision=self.precision)
                    for i, text in enumerate(frame[IMAGE_COLUMN])]
         except ImageError as err:
             raise _bad_request(str(err)) from None
+        except NonFiniteOutput as err:
+            raise mlflow.exceptions.MlflowException(f"the served model: {err}") from None
         return pd.DataFrame({IMAGE_COLUMN: out}, index=frame.index)
 
 

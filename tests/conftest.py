@@ -98,18 +98,23 @@ def make_images(folder: Path, count: int, size: tuple[int, int] = (64, 48), seed
 
 
 def make_prepared_sets(root: Path) -> Path:
-    """root/prepared/{tr,va,te}/{HR,LR} (train, val, test): smooth random images and their
-    MATLAB-bicubic x4 LR."""
+    """root/prepared/{train/tr,val/va,test/te}/{HR,LR} with manifests, as `srgan prepare`
+    lays them out: smooth random images and their MATLAB-bicubic x4 LR."""
     from srcore.data.degrade import bicubic_lr
     from srcore.data.images import load_image, save_png
+    from srcore.data.manifest import write_manifest
 
     # The val image is just large enough for NIQE (two 96x96 blocks after a 4-pixel crop).
-    for name, count, size, seed in (("tr", 3, (64, 64), 0), ("va", 1, (200, 104), 2),
-                                    ("te", 1, (48, 40), 1)):
+    for split, name, count, size, seed in (("train", "tr", 3, (64, 64), 0),
+                                           ("val", "va", 1, (200, 104), 2),
+                                           ("test", "te", 1, (48, 40), 1)):
+        folder = root / "prepared" / split / name
         for path in make_images(root / "raw" / name, count, size=size, seed=seed):
             hr = load_image(path)
-            save_png(hr, root / "prepared" / name / "HR" / path.name)
-            save_png(bicubic_lr(hr, 4), root / "prepared" / name / "LR" / path.name)
+            save_png(hr, folder / "HR" / path.name)
+            save_png(bicubic_lr(hr, 4), folder / "LR" / path.name)
+        write_manifest(folder, {"set": name, "split": split, "scale": 4,
+                                "gaussian_sigma": None})
     return root / "prepared"
 
 

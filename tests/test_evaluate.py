@@ -82,8 +82,8 @@ def test_evaluate_reports_psnr_and_both_ssims_and_notes_missing_lpips_once(
     assert (tmp_path / "reports" / "perception_distortion_tiny.png").is_file()
     assert "NIQE is undefined for 2 of 2 tiny2" in capsys.readouterr().err
     # Bicubic numbers are the metric functions on MATLAB imresize of the LR, nothing else.
-    hr = load_image(prepared / "tiny" / "HR" / "img01.png")
-    lr = load_image(prepared / "tiny" / "LR" / "img01.png")
+    hr = load_image(prepared / "val" / "tiny" / "HR" / "img01.png")
+    lr = load_image(prepared / "val" / "tiny" / "LR" / "img01.png")
     row = per_image[(per_image.image == "img01") & (per_image.method == "bicubic")].iloc[0]
     sr = imresize(lr, 4.0)
     for name, fn in (("psnr_y", psnr_y), ("ssim_y", ssim_y), ("ssim_daala_y", ssim_daala_y)):

@@ -126,25 +126,96 @@ def test_only_network_errors_earn_download_retries(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("prefect_api")
-def test_a_missing_data_source_fails_once_and_names_the_stage(project: Path,
-                                                              tmp_path: Path) -> None:
+def test_what_params_can_tell_stops_the_flow_before_its_first_task(
+        project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unknown dataset name, a missing local source, or a VGG loss without VGG weights:
+    the run fails before any task (the issue's `data.test: [nosuchset]` was reported only
+    after every training set was fetched), naming the params file and the fix."""
+    from flows.pipeline import pipeline
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no VGG19 here; fetching off
+    (project / "vgg.yaml").write_text(yaml.safe_dump({"finetune": {"content_loss": "vgg22"}}))
+    cases = [
+        ({"test": ["nosuchset"]}, None,
+         "params.yaml: dataset 'nosuchset' in data.test is not in the dataset registry"),
+        ({"train": [{"name": "mine", "url": "nowhere"}]}, None,
+         f"params.yaml: dataset 'mine' in data.train: {project / 'nowhere'} does not exist"),
+        ({}, "vgg.yaml", "finetune.content_loss is vgg22, but the VGG19 ImageNet weights are "
+                         "not at"),
+    ]
+    for data, overlay, needle in cases:
+        write_params(project / "params.yaml", tiny_params_dict(data=data))
+        before = (project / "params.yaml").read_text()
+        state = pipeline(params_path="params.yaml", root=str(project), overlay=overlay,
+                         return_state=True)
+        assert state.is_failed()
+        assert needle in state.message, state.message
+        assert _task_runs(state.state_details.flow_run_id) == {}  # not even the download
+        assert not (project / "data").exists()
+        # a refused overlay leaves params.yaml as it was: nothing ran on the merged one
+        assert (project / "params.yaml").read_text() == before
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_bad_data_source_fails_its_task_once_and_names_the_stage(project: Path,
+                                                                   tmp_path: Path) -> None:
     import time
 
     from flows.pipeline import pipeline
 
+    (tmp_path / "notes.txt").write_text("not an archive")  # exists: only fetching finds out
     write_params(project / "params.yaml", tiny_params_dict(
-        data={"train": [{"name": "mine", "url": str(tmp_path / "nowhere")}]}))
+        data={"train": [{"name": "mine", "url": str(tmp_path / "notes.txt")}]}))
     started = time.perf_counter()
     state = pipeline(params_path="params.yaml", root=str(project), return_state=True)
     assert state.is_failed()
     # What the Prefect UI shows for the run: the stage, the dataset and the path.
-    assert "stage 'download' failed: dataset 'mine'" in state.message
-    assert f"{tmp_path / 'nowhere'} does not exist" in state.message
+    assert "stage 'download' failed: dataset 'mine'" in state.message, state.message
     tasks = _task_runs(state.state_details.flow_run_id)
     assert tasks["download datasets"].state.is_failed()
     assert tasks["download datasets"].run_count == 1  # not retried: a retry cannot help
     assert not any(name.startswith("dvc repro") for name in tasks)
     assert time.perf_counter() - started < 25  # a retry would first wait 30 s
+
+
+def test_run_takes_the_lock_before_prefect_starts(
+        project: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Two first runs on a fresh PREFECT_HOME raced while Prefect created its database: the
+    lock is held before the flow is called (Prefect's API starts there), and the busy message
+    names an option that exists."""
+    import sys
+
+    from filelock import FileLock, Timeout
+
+    import flows.pipeline as module
+
+    called: dict[str, object] = {}
+
+    def flow_stand_in(**kwargs: object) -> str:
+        with pytest.raises(Timeout):  # held, by this process, for the whole call
+            FileLock(project / ".srgan.lock").acquire(timeout=0)
+        called.update(kwargs)
+        return "table"
+
+    monkeypatch.setattr(module, "pipeline", flow_stand_in)
+    assert module.main(["run", "--lock-timeout", "2.5"]) == 0
+    assert called["lock_timeout_s"] == 2.5
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import time; from filelock import FileLock; "
+         f"lock = FileLock({str(project / '.srgan.lock')!r}); lock.acquire(); "
+         "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        called.clear()
+        assert module.main(["run"]) == 2
+        err = capsys.readouterr().err
+        assert "another srgan run is using" in err and "--lock-timeout SECONDS" in err
+        assert called == {}
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @pytest.mark.usefixtures("prefect_api")

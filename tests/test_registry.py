@@ -3,6 +3,7 @@ promotion and the comparison table, against a real SQLite MLflow store."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 from collections.abc import Callable
@@ -203,13 +204,23 @@ def test_compare_lists_every_version_with_metrics_data_version_and_aliases(
     assert "set14.psnr_y" in out and "champion" in out and "new.dir" in out
 
 
-def test_evaluate_gate_tags_the_versions_named_in_the_training_metrics(
+def _weights(layout: Layout, name: str, version: str | None) -> None:
+    """models/<name>.pt as training leaves it: the registered `version` (if any) carries its
+    sha256, which is how the gate finds the version (the file holds no version number)."""
+    path = layout.model(name)
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(f"{name} weights, version {version}".encode())
+    if version is not None:
+        MlflowClient().set_model_version_tag(name, version, tracking.FILE_TAG,
+                                             hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def test_evaluate_gate_tags_the_versions_that_made_the_weights_files(
         register: Register, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     v1 = register()
     layout = Layout(tmp_path)
-    layout.metrics.mkdir()
-    (layout.metrics / "pretrain.json").write_text(json.dumps({"registered_version": v1}))
-    (layout.metrics / "finetune.json").write_text(json.dumps({"registered_version": "7"}))
+    _weights(layout, "srresnet", v1)
+    _weights(layout, "srgan", None)  # made against another registry
     summary = {"sample_test": {"srresnet": {"psnr_y": 26.5, "ssim_y": 0.75,
                                             "ssim_daala_y": 0.77},
                                "srgan": {"psnr_y": 25.0, "ssim_y": 0.7, "ssim_daala_y": 0.7}}}
@@ -218,8 +229,9 @@ def test_evaluate_gate_tags_the_versions_named_in_the_training_metrics(
     assert [(d.name, d.version, d.decision) for d in decisions] == [("srresnet", v1,
                                                                      "promoted")]
     assert _tags("srresnet", v1)["metric.sample_test.ssim_daala_y"] == "0.77"
-    # srgan v7 is not in this registry: reported, and the evaluate stage still succeeds.
-    assert "skipped srgan: model 'srgan' has no version 7" in capsys.readouterr().err
+    # models/srgan.pt is no version of this registry: reported, and the stage still succeeds.
+    assert f"skipped srgan: {layout.model('srgan')} is no version registered in" in \
+        capsys.readouterr().err
 
 
 def test_evaluate_gates_srgan_on_validation_niqe_within_the_psnr_budget(
@@ -228,9 +240,8 @@ def test_evaluate_gates_srgan_on_validation_niqe_within_the_psnr_budget(
     bounded by bicubic and by tracking.gate_psnr_budget_db below the SRResNet champion."""
     resnet, gan = register("srresnet"), register("srgan")
     layout = Layout(tmp_path)
-    layout.metrics.mkdir()
-    (layout.metrics / "pretrain.json").write_text(json.dumps({"registered_version": resnet}))
-    (layout.metrics / "finetune.json").write_text(json.dumps({"registered_version": gan}))
+    _weights(layout, "srresnet", resnet)
+    _weights(layout, "srgan", gan)
     params = config.parse(tiny_params_dict())
     assert params.tracking.gate_metric_srgan == "niqe"
     budget = params.tracking.gate_psnr_budget_db

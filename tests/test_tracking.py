@@ -65,3 +65,41 @@ def test_a_repository_without_commits_has_no_git_commit(
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     monkeypatch.chdir(tmp_path)
     assert tracking._git_commit() is None  # not the literal "HEAD" git prints there
+
+
+def test_artifacts_live_beside_the_store_whatever_the_cwd(
+        mlflow_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's default puts a new experiment's artifacts in ./mlruns of whoever creates it:
+    tests run from the repo wrote model folders into the project's own mlruns/."""
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    before = sorted(p.name for p in (repo / "mlruns").glob("*")) \
+        if (repo / "mlruns").is_dir() else []
+    with tracking.stage_run("t", "prepare") as tracker:
+        tracker.log_image(np.zeros((8, 8, 3), np.uint8), "img/zero.png")
+    exp = MlflowClient().get_experiment_by_name("t")
+    assert Path(exp.artifact_location).is_relative_to(tmp_path)  # the store's folder
+    run = MlflowClient().get_run(tracker.run_id)
+    assert Path(run.info.artifact_uri).is_relative_to(tmp_path / "mlruns")
+    after = sorted(p.name for p in (repo / "mlruns").glob("*")) \
+        if (repo / "mlruns").is_dir() else []
+    assert after == before
+
+
+def test_a_store_copied_from_another_workspace_is_refused(
+        mlflow_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copied workspace's mlflow.db records the original's absolute artifact paths: logging
+    through it would write into the original's mlruns/. Said, with the way out."""
+    import shutil
+
+    with tracking.stage_run("t", "prepare"):
+        pass
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copyfile(tmp_path / "mlflow.db", copy / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{copy / 'mlflow.db'}")
+    with pytest.raises(tracking.ForeignArtifactStore) as err:
+        tracking.configure("t")
+    message = str(err.value)
+    assert str(tmp_path / "mlruns") in message and f"outside {copy}" in message
+    assert "Move mlflow.db (and mlruns/) aside" in message

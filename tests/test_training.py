@@ -301,7 +301,7 @@ def test_resume_refuses_a_checkpoint_of_another_shape(
     params16, _ = _project(tmp_path, prepared_sets, raw)
     path = layout.checkpoints / "pretrain.pt"
     ckpt = torch.load(path, weights_only=True)
-    ckpt["fingerprint"] = checkpoints.fingerprint(params16, "pretrain")  # e.g. code changed shape
+    ckpt["fingerprint"] = checkpoints.fingerprint(params16, "pretrain", layout.prepared)
     torch.save(ckpt, path)
     with pytest.raises(CheckpointMismatch, match=r"'head\.0\.weight'.*delete .*pretrain"):
         pretrain.train(params16, layout, FakeTracker())
@@ -311,18 +311,23 @@ def test_checkpoints_of_other_params_or_another_srresnet_are_not_resumed(
         tmp_path: Path, capsys) -> None:
     params = config.parse(_params())
     path = tmp_path / "finetune.pt"
-    fp = checkpoints.fingerprint(params, "finetune")
+    prepared = tmp_path / "prepared"
+    fp = checkpoints.fingerprint(params, "finetune", prepared)
     checkpoints.atomic_save({"fingerprint": fp, "iteration": 2, "init_digest": "aaa"}, path)
     assert checkpoints.read_checkpoint(path, fp, "aaa")["iteration"] == 2
     assert checkpoints.read_checkpoint(path, fp) is not None  # the CLI's call
     assert checkpoints.read_checkpoint(path, fp, "bbb") is None
     assert "another models/srresnet.pt" in capsys.readouterr().err
     other = config.parse(_params(finetune={"lr": 5e-5}))
-    assert checkpoints.read_checkpoint(path, checkpoints.fingerprint(other, "finetune")) is None
-    assert checkpoints.fingerprint(other, "pretrain") == checkpoints.fingerprint(params, "pretrain")
-    runtime = config.parse(tiny_params_dict(data={"train": ["tr"], "val": ["va"], "test": ["te"]},
-                                            runtime={"num_workers": 3, "channels_last": False}))
-    assert checkpoints.fingerprint(runtime, "finetune") == fp  # runtime knobs may change on resume
+    assert checkpoints.read_checkpoint(
+        path, checkpoints.fingerprint(other, "finetune", prepared)) is None
+    assert checkpoints.fingerprint(other, "pretrain", prepared) == checkpoints.fingerprint(
+        params, "pretrain", prepared)
+    data = {"train": ["tr"], "val": ["va"], "test": ["te"]}
+    # Keys that change no result (srcore.stages.NO_RESULT) never discard a checkpoint.
+    cadence = config.parse(tiny_params_dict(data=data, runtime={"num_workers": 3},
+                                            finetune={"log_every": 1, "checkpoint_every": 3}))
+    assert checkpoints.fingerprint(cadence, "finetune", prepared) == fp
     path.write_bytes(b"torn")
     assert checkpoints.read_checkpoint(path, fp) is None
     assert not list(tmp_path.glob(".*.tmp"))
@@ -346,7 +351,8 @@ def test_weights_are_loaded_with_weights_only_everywhere(tmp_path: Path, capsys)
     with pytest.raises(UnreadableWeights, match="evil.pt"):
         checkpoints.load_generator_file(tmp_path / "evil.pt")
     assert checkpoints.read_checkpoint(tmp_path / "evil.pt", "x") is None
-    assert "ignoring unreadable checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "objects other than tensors" in err and "weights_only" not in err
 
 
 # ---------------------------------------------------------------------- the paper's recipe
@@ -508,3 +514,187 @@ def test_build_generator_matches_params() -> None:
     params = config.parse(_params())
     g = build_generator(params.model, params.scale)
     assert len(g.body) == params.model.blocks and g.global_skip == params.model.global_skip
+
+
+# ------------------------------------------- divergence, precision, unreadable checkpoints
+
+
+def _stage_by_hand(root: Path, stage: str) -> int:
+    from srcore import cli
+
+    return cli.main(["--params", str(root / "params.yaml"), "--root", str(root), stage])
+
+
+def _outputs(root: Path) -> dict[str, tuple[int, bytes]]:
+    """mtime and bytes of everything under models/, metrics/ and checkpoints/."""
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes())
+            for folder in ("models", "metrics", "checkpoints")
+            for p in sorted((root / folder).rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(("stage", "lr_key", "loss"), [
+    ("pretrain", "pretrain.lr", "loss_mse"),
+    ("finetune", "finetune.lr", "loss_g"),
+])
+def test_divergence_stops_at_the_first_non_finite_loss_and_keeps_the_good_outputs(
+        tmp_path: Path, prepared_sets: Path, mlflow_store: str, capsys,
+        stage: str, lr_key: str, loss: str) -> None:
+    """The issue's reproduction (tiny config, lr 1000): exit 2 with the step, the value and
+    the knob; models/, metrics/ and checkpoints/ as the last good run left them; nothing
+    registered, no non-finite number logged, the MLflow run marked failed."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    # checkpoint_every beyond the run: a good step-2 checkpoint (divergence at step 3 on
+    # another CPU) would be legitimate, and is tested below
+    raw = _params(**{stage: {"lr": 1000.0, "iterations": 6, "checkpoint_every": 100}})
+    raw["tracking"]["register_models"] = True
+    _, layout = _project(tmp_path, prepared_sets, raw)
+    _save_srresnet(layout, raw)  # the previous good outputs
+    for name in ("pretrain", "finetune"):
+        (layout.metrics / f"{name}.json").parent.mkdir(parents=True, exist_ok=True)
+        (layout.metrics / f"{name}.json").write_text('{"val_psnr_y": 30.0}\n')
+    before = _outputs(tmp_path)
+    capsys.readouterr()
+
+    assert _stage_by_hand(tmp_path, stage) == 2
+    err = capsys.readouterr().err
+    lines = re.findall(rf"srgan {stage}: error: [^\r\n]*", err)  # after a progress bar's \r
+    assert len(lines) == 1 and "Traceback" not in err, err
+    found = re.search(rf"{stage} diverged at step (\d+): {loss} is (nan|inf)", lines[0])
+    assert found, lines[0]
+    assert f"lower {lr_key} (now 1000)" in lines[0]
+    assert _outputs(tmp_path) == before  # not even rewritten; no checkpoint of the diverged state
+    for name in ("pretrain", "finetune"):
+        json.loads((layout.metrics / f"{name}.json").read_text())  # strict JSON
+    client = MlflowClient()
+    assert client.search_registered_models() == []
+    (run,) = client.search_runs([client.get_experiment_by_name("srgan-pipeline").experiment_id])
+    assert run.info.status == "FAILED"
+    assert all(math.isfinite(v) for v in run.data.metrics.values())
+    steps_logged = {m.step for m in client.get_metric_history(run.info.run_id,
+                                                              f"{stage}/{loss}")}
+    assert all(s < int(found.group(1)) for s in steps_logged)
+
+
+def test_non_finite_weights_stop_training_at_the_next_check_without_a_checkpoint(
+        tmp_path: Path, prepared_sets: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weight can go non-finite while the loss that step was still finite: the weights are
+    checked at every log, validation and checkpoint point, before anything is saved."""
+    from srcore.training.guard import Diverged
+
+    raw = _params(pretrain={"iterations": 8, "log_every": 4, "val_every": 8,
+                            "checkpoint_every": 2})
+    params, layout = _project(tmp_path, prepared_sets, raw)
+    real = steps.make_pretrain_step
+
+    def poisoning(generator: nn.Module, *args: Any, **kwargs: Any) -> steps.StepFn:
+        step, count = real(generator, *args, **kwargs), [0]
+
+        def wrapped(lr: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
+            out = step(lr, hr)
+            count[0] += 1
+            if count[0] == 3:  # a BN statistic: training-mode losses stay finite
+                with torch.no_grad():
+                    runtime.unwrap(generator).body_tail[1].running_mean[0] = float("nan")
+            return out
+
+        return wrapped
+
+    monkeypatch.setattr(steps, "make_pretrain_step", poisoning)
+    tracker = FakeTracker()
+    with pytest.raises(Diverged, match=r"pretrain diverged at step 4: weight "
+                                       r"'generator\.body_tail\.1\.running_mean' is not finite"):
+        pretrain.train(params, layout, tracker)
+    assert torch.load(layout.checkpoint("pretrain"), weights_only=True)["iteration"] == 2
+    assert tracker.metrics == {}  # found before the first log (step 4): nothing logged
+    assert not layout.model("srresnet").exists()
+
+
+def test_precision_is_said_once_logged_tagged_and_checkpointed(
+        tmp_path: Path, prepared_sets: Path, mlflow_store: str, capsys) -> None:
+    from mlflow.tracking import MlflowClient
+
+    raw = _params(pretrain={"iterations": 4})
+    raw["runtime"]["precision"] = "fp32"
+    raw["tracking"]["register_models"] = True
+    _, layout = _project(tmp_path, prepared_sets, raw)
+    assert _stage_by_hand(tmp_path, "pretrain") == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "precision" in line]
+    assert said == ["pretrain: precision fp32 (fp32: asked for; bit-exact across machines)"]
+    client = MlflowClient()
+    version = client.get_model_version("srresnet", "1")
+    assert version.tags["precision"] == "fp32 (fp32: asked for; bit-exact across machines)"
+    params = client.get_run(version.run_id).data.params
+    assert params["runtime.precision_used"] == version.tags["precision"]
+    # Few tags: the model shape is in the params JSON tag and in the pickled network.
+    assert not {"blocks", "channels", "global_skip", "scale", "mlflow_run_id"} & set(version.tags)
+    saved = torch.load(layout.model("srresnet"), weights_only=True)
+    assert saved["precision"] == version.tags["precision"]
+
+
+def test_resume_on_a_machine_resolving_another_precision_starts_over(
+        tmp_path: Path, prepared_sets: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """runtime.precision: auto is bf16 on a CPU with native bf16 and fp32 elsewhere: a
+    checkpoint moved between the two is not resumed (one run never mixes them), and says so."""
+    from srcore import precision
+
+    raw = _params(pretrain={"iterations": 6, "checkpoint_every": 2})
+    raw["runtime"]["precision"] = "auto"
+    params, layout = _project(tmp_path, prepared_sets, raw)
+
+    def interrupted(native: bool) -> None:
+        with monkeypatch.context() as m:
+            m.setattr(precision, "cpu_has_native_bf16", lambda: native)
+            _interrupt_after(m, "make_pretrain_step", 3)
+            with pytest.raises(KeyboardInterrupt):
+                pretrain.train(params, layout, FakeTracker())
+
+    def finished(native: bool) -> FakeTracker:
+        tracker = FakeTracker()
+        with monkeypatch.context() as m:
+            m.setattr(precision, "cpu_has_native_bf16", lambda: native)
+            pretrain.train(params, layout, tracker)
+        return tracker
+
+    interrupted(native=True)
+    assert torch.load(layout.checkpoint("pretrain"), weights_only=True)["precision"] == "bf16"
+    capsys.readouterr()
+    tracker = finished(native=False)
+    err = capsys.readouterr().err
+    assert "it was trained in bf16, but runtime.precision resolves to fp32 on this machine; " \
+           "starting over" in err
+    assert "pretrain/resumed_at" not in tracker.metrics
+    # that run left its own (fp32) checkpoint at 4: the same precision resumes as before
+    assert finished(native=False).metrics["pretrain/resumed_at"] == {4: 4.0}
+
+
+def test_runtime_precision_accepts_what_the_resolver_knows() -> None:
+    from srcore import precision
+
+    for setting in precision.SETTINGS:
+        assert config.parse(_params(runtime={"precision": setting})).runtime.precision == setting
+    with pytest.raises(config.ConfigError, match="runtime.precision"):
+        config.parse(_params(runtime={"precision": "fp16"}))
+    with pytest.raises(config.ConfigError, match="runtime.amp"):  # the old key is gone
+        config.parse(_params(runtime={"amp": True}))
+
+
+def test_an_unreadable_checkpoint_is_reported_once_in_our_words(
+        tmp_path: Path, prepared_sets: Path, mlflow_store: str, capsys) -> None:
+    """A checkpoint holding pickled objects: one line, no PyTorch advice to load it with
+    weights_only=False; the stage starts over and finishes."""
+    raw = _params()
+    _, layout = _project(tmp_path, prepared_sets, raw)
+    layout.checkpoint("pretrain").parent.mkdir(parents=True)
+    torch.save({"fingerprint": "x", "hook": nn.ReLU()}, layout.checkpoint("pretrain"))
+    capsys.readouterr()
+    assert _stage_by_hand(tmp_path, "pretrain") == 0
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if "checkpoints/pretrain.pt" in line]
+    assert len(said) == 1, err
+    assert said[0].endswith("it holds objects other than tensors, which are never loaded; "
+                            "starting over")
+    assert "weights_only" not in err
+    assert layout.model("srresnet").is_file() and not layout.checkpoint("pretrain").exists()

@@ -130,7 +130,7 @@ def test_paper_content_loss_trains_through_the_cli(
 
     def params(content_loss: str) -> None:
         raw = tiny_params_dict(data={"train": ["tr"], "val": ["va"], "test": ["te"]},
-                               runtime={"amp": True, "channels_last": True},
+                               runtime={"precision": "auto", "channels_last": True},
                                finetune={"content_loss": content_loss})
         raw["tracking"]["register_models"] = False
         write_params(root / "params.yaml", raw)

@@ -10,22 +10,32 @@ tracking.gate_psnr_budget_db of the SRResNet champion, both above bicubic.
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
 from srcore import evaluate, tracking
 from srcore.config import Params
-from srcore.layout import Layout
+from srcore.data.datasets import verify_prepared
+from srcore.layout import Layout, write_json
 from srcore.training.checkpoints import load_generator_file
+
+#: params.yaml keys whose values change this stage's result (dvc.yaml's params): the gate's
+#: rule is part of it (its decisions are recorded in the registry).
+PARAMS = (
+    "scale", "data.val", "data.test",
+    "evaluate.crop_border", "evaluate.tile", "evaluate.tile_overlap", "evaluate.grid_images",
+    "evaluate.alphas", "runtime.device",
+    "tracking.gate_set", "tracking.gate_metric_srgan", "tracking.gate_psnr_budget_db",
+)
 
 
 def run(params: Params, layout: Layout) -> None:
     """Benchmark both generators, log the numbers, then gate the registered versions."""
     # 1. params: data.val/test, evaluate, tracking.gate_set (a bad one fails before any work)
     gate_set = evaluate.gate_set(params)
-    # 2. inputs: models/{srresnet,srgan}.pt, prepared/<val and test sets>,
-    #    metrics/{pretrain,finetune}.json (the registered versions, read by the gate)
+    # 2. inputs: models/{srresnet,srgan}.pt, prepared/<val and test sets> (checked against
+    #    their manifests first)
+    verify_prepared(layout.prepared, params.data, ("val", "test"))
     generators = {name: load_generator_file(layout.model(name))
                   for name in ("srresnet", "srgan")}
     with tracking.stage_run(params.tracking.experiment, "evaluate") as tracker:
@@ -33,7 +43,9 @@ def run(params: Params, layout: Layout) -> None:
         summary, grids = evaluate.evaluate(
             params, layout.prepared, generators, layout.metrics / "evaluate.json",
             layout.plots / "evaluate.csv", layout.reports)
-        # 4. outputs: the numbers, grids and CSV in MLflow; the registry's tags and aliases
+        # 4. outputs: metrics/val.json (what `dvc metrics show` prints), the numbers,
+        #    grids and CSV in MLflow; the registry's tags and aliases
+        write_json(layout.metrics / "val.json", headline(summary, gate_set))
         flat = {f"{s}/{m}/{k}": v for s, ms in summary.items()
                 for m, vals in ms.items() for k, v in vals.items()}
         tracker.log_metrics(flat)
@@ -48,20 +60,33 @@ def run(params: Params, layout: Layout) -> None:
         print(decision)
 
 
+def headline(summary: dict[str, Any], gate_set: str) -> dict[str, Any]:
+    """The numbers a person compares runs by, on the gate's validation set: PSNR-Y of
+    bicubic, SRResNet and SRGAN and their NIQE (`dvc metrics show` fits in 100 columns; the
+    full per-set summary stays in metrics/evaluate.json)."""
+    scores = summary.get(gate_set, {})
+    wanted = {"psnr": ("psnr_y", ("bicubic", "srresnet", "srgan")),
+              "niqe": ("niqe", ("srresnet", "srgan"))}
+    return {short: {m: scores[m][key] for m in methods if key in scores.get(m, {})}
+            for short, (key, methods) in wanted.items()}
+
+
 def registry_gate(params: Params, layout: Layout, summary: dict[str, Any],
                   gate_set: str) -> list[Any]:
     """Tag the versions that made models/*.pt with their numbers, then run the promotion gate.
 
-    The version numbers come from metrics/{pretrain,finetune}.json, written with the weights.
+    Each version is found by the sha256 of models/<name>.pt, which training tags it with.
     A version this registry does not know (another MLFLOW_TRACKING_URI, a deleted mlflow.db)
     is reported and skipped: the benchmark itself stands and the stage does not fail.
     """
     decisions = []
-    for stage, name in (("pretrain", "srresnet"), ("finetune", "srgan")):
-        path = layout.metrics / f"{stage}.json"
-        version = json.loads(path.read_text()).get("registered_version") if path.is_file() \
-            else None
+    for name in ("srresnet", "srgan"):
+        # models/<name>.pt holds no version number (DVC tracks it): found by its sha256 tag
+        version = tracking.version_of_file(name, layout.model(name))
         if version is None:
+            if params.tracking.register_models:
+                print(f"registry gate: skipped {name}: {layout.model(name)} is no version "
+                      f"registered in {tracking.tracking_uri()}", file=sys.stderr)
             continue
         metric = "psnr_y" if name == "srresnet" else params.tracking.gate_metric_srgan
         budget = params.tracking.gate_psnr_budget_db if name == "srgan" else None

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from srcore.config import Params
+from srcore.data.datasets import verify_prepared
 from srcore.layout import Layout
 from srcore.losses import ContentLoss
 from srcore.models.discriminator import Discriminator
@@ -28,6 +29,20 @@ from srcore.training.loop import LoopState, LoopTracker, final_generator, make_e
 from srcore.training.runtime import make_adam, maybe_compile, memory_format, setup_runtime
 from srcore.training.session import training_session
 
+#: params.yaml keys whose values change this stage's result (dvc.yaml's params, and what the
+#: checkpoint fingerprint hashes beside the prepared data and models/srresnet.pt).
+PARAMS = (
+    "seed", "scale", "data.train", "data.val",
+    "model.blocks", "model.channels", "model.global_skip",
+    "finetune.iterations", "finetune.batch_size", "finetune.hr_crop", "finetune.lr",
+    "finetune.lr_second_half", "finetune.beta1", "finetune.beta2", "finetune.content_loss",
+    "finetune.adv_weight", "finetune.d_steps", "finetune.d_channels", "finetune.augment",
+    "finetune.sampling", "finetune.min_crop_std",
+    "runtime.device", "runtime.channels_last", "runtime.precision", "runtime.compile",
+    "runtime.deterministic", "runtime.ema_decay", "runtime.distributed",
+    "evaluate.crop_border",  # the validation PSNR-Y in metrics/<stage>.json
+)
+
 
 def run(params: Params, layout: Layout) -> None:
     """Fine-tune (every process under torchrun), then save and register SRGAN (rank 0)."""
@@ -37,6 +52,7 @@ def run(params: Params, layout: Layout) -> None:
     init = layout.model("srresnet")
     if not init.is_file():
         raise UserError(f"{init}: missing; run `srgan pretrain` first")
+    verify_prepared(layout.prepared, params.data, ("train", "val"))
     vgg = None
     if params.finetune.content_loss != "mse":
         from srcore.models.vgg import load_vgg19_state_dict
@@ -46,7 +62,8 @@ def run(params: Params, layout: Layout) -> None:
         # 3. work
         model, metrics = train(params, layout, session.tracker, vgg)
         # 4. outputs: models/srgan.pt, metrics/finetune.json, MLflow model + registry
-        session.save(model, "srgan", metrics)
+        session.save(model, "srgan", metrics, blend_base=load_generator_file(init),
+                     serve_alpha=params.tracking.serve_alpha)
 
 
 def train(params: Params, layout: Layout, tracker: LoopTracker,

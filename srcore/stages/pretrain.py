@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from srcore.config import Params
+from srcore.data.datasets import verify_prepared
 from srcore.layout import Layout
 from srcore.models.srresnet import SRResNet, build_generator
 from srcore.training import distributed, steps
@@ -17,11 +18,27 @@ from srcore.training.loop import LoopState, LoopTracker, final_generator, make_e
 from srcore.training.runtime import make_adam, maybe_compile, memory_format, setup_runtime
 from srcore.training.session import training_session
 
+#: params.yaml keys whose values change this stage's result (dvc.yaml's params, and what the
+#: checkpoint fingerprint hashes beside the prepared data); log/val/checkpoint cadence and
+#: runtime.num_workers change nothing (srcore.stages.NO_RESULT).
+PARAMS = (
+    "seed", "scale", "data.train", "data.val",
+    "model.blocks", "model.channels", "model.global_skip",
+    "pretrain.iterations", "pretrain.batch_size", "pretrain.hr_crop", "pretrain.lr",
+    "pretrain.lr_schedule", "pretrain.beta1", "pretrain.beta2", "pretrain.augment",
+    "pretrain.sampling", "pretrain.min_crop_std",
+    "runtime.device", "runtime.channels_last", "runtime.precision", "runtime.compile",
+    "runtime.deterministic", "runtime.ema_decay", "runtime.distributed",
+    "evaluate.crop_border",  # the validation PSNR-Y in metrics/<stage>.json
+)
+
 
 def run(params: Params, layout: Layout) -> None:
     """Train SRResNet (every process under torchrun), then save and register it (rank 0)."""
     # 1. params: pretrain (the recipe), model + scale (G), seed, runtime, data.train/val
-    # 2. inputs: prepared/<train and val sets>; checkpoints/pretrain.pt when resuming
+    # 2. inputs: prepared/<train and val sets> (checked against their manifests first);
+    #    checkpoints/pretrain.pt when resuming
+    verify_prepared(layout.prepared, params.data, ("train", "val"))
     with training_session("pretrain", params, layout) as session:
         # 3. work
         model, metrics = train(params, layout, session.tracker)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,11 +82,27 @@ def load_generator_file(path: Path) -> SRResNet:
         spec = blob["spec"]
     except Exception as err:  # noqa: BLE001 - any unusable file gets the same advice
         raise UnreadableWeights(
-            f"{path}: not a generator weights file ({type(err).__name__}: {err}); "
+            f"{path}: not a generator weights file: {why_unreadable(err)}; "
             "re-run the stage that makes it (dvc repro)") from None
     model = SRResNet(**spec)
     load_state_checked(model, blob["state_dict"], str(path))
+    bad = non_finite_keys(model.state_dict())
+    if bad:
+        raise DivergedWeights(
+            f"{path}: {len(bad)} weight tensor(s) hold NaN or infinity (first: '{bad[0]}'); "
+            "the training that wrote it diverged; re-train it (lower the learning rate)")
     return model.eval()
+
+
+class DivergedWeights(CheckpointMismatch):
+    """Generator weights with NaN or infinity: a diverged training's output, never used (an
+    SRResNet of NaNs upscales every image to black)."""
+
+
+def non_finite_keys(state: dict[str, torch.Tensor]) -> list[str]:
+    """The keys of floating-point tensors holding NaN or infinity, in state-dict order."""
+    return [k for k, v in state.items()
+            if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def file_digest(path: Path) -> str:
@@ -100,47 +117,73 @@ def file_digest(path: Path) -> str:
 # ---------------------------------------------------------------------------- checkpoints
 
 
-def fingerprint(params: Params, stage: str) -> str:
-    """What a checkpoint must share with the current params to be resumed."""
-    relevant = {
-        "seed": params.seed, "scale": params.scale,
-        "data": params.data.model_dump(mode="json"),
-        "model": params.model.model_dump(mode="json"),
-        stage: getattr(params, stage).model_dump(mode="json"),
-        "ema": params.runtime.ema_decay,
-    }
+def fingerprint(params: Params, stage: str, prepared: Path) -> str:
+    """What a checkpoint must share with the current run to be resumed: the values of the
+    stage's PARAMS (exactly the keys dvc.yaml lists for it, so logging or checkpoint cadence
+    never discards one) and the content of the prepared train and val sets (their manifests),
+    so a re-prepared set never resumes old weights on new data."""
+    from srcore.data.manifest import content_digest
+    from srcore.stages import param_values, params_of
+
+    sets = [prepared / split / spec.name
+            for split in ("train", "val") for spec in getattr(params.data, split)]
+    relevant = {"stage": stage, "params": param_values(params, params_of(stage)),
+                "prepared": content_digest(sets)}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def read_checkpoint(path: Path, expected_fingerprint: str,
-                    init_digest: str | None = None) -> dict[str, Any] | None:
+def why_unreadable(err: Exception) -> str:
+    """Why a weights file cannot be used, in this project's words: PyTorch's own message for
+    a refused file advises weights_only=False, i.e. running whatever code the file holds."""
+    if isinstance(err, pickle.UnpicklingError):
+        return "it holds objects other than tensors, which are never loaded"
+    if isinstance(err, KeyError | TypeError):  # loaded, but not the dict this project writes
+        return f"it is not one this project wrote ({type(err).__name__}: {err})"
+    return f"it is torn or not a PyTorch file ({type(err).__name__})"
+
+
+def read_checkpoint(path: Path, expected_fingerprint: str, init_digest: str | None = None,
+                    precision: str | None = None, *, say: bool = True) -> dict[str, Any] | None:
     """A resumable checkpoint, or None when there is none or it was made with other params.
 
     `init_digest` (fine-tuning): the hash of the SRResNet the run starts from; a checkpoint
     of a run that started from another SRResNet (pretrain was re-run) is not resumed.
+    `precision` (bf16/fp32, what runtime.precision resolved to): a checkpoint trained in the
+    other one is not resumed either, so one run never mixes the two. `say=False` reads
+    quietly (the session peeks for the run id; the loop, reading it again, says why once).
     """
     if not path.is_file():
         return None
+    note = _say if say else (lambda message: None)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - a torn or foreign file is simply not resumable
-        _say(f"ignoring unreadable checkpoint {path}: {err}")
+        note(f"ignoring checkpoint {path}: {why_unreadable(err)}; starting over")
         return None
     if not isinstance(ckpt, dict) or ckpt.get("fingerprint") != expected_fingerprint:
-        _say(f"ignoring checkpoint {path}: it was made with different params")
+        note(f"ignoring checkpoint {path}: it was made with different params")
         return None
     if init_digest is not None and ckpt.get("init_digest") not in (None, init_digest):
-        _say(f"ignoring checkpoint {path}: it started from another models/srresnet.pt")
+        note(f"ignoring checkpoint {path}: it started from another models/srresnet.pt")
+        return None
+    if precision is not None and ckpt.get("precision") != precision:
+        made = ckpt.get("precision")
+        if made in ("bf16", "fp32"):
+            note(f"ignoring checkpoint {path}: it was trained in {made}, but runtime.precision "
+                 f"resolves to {precision} on this machine; starting over")
+        else:
+            note(f"ignoring checkpoint {path}: it does not record its precision; starting over")
         return None
     return ckpt
 
 
 def snapshot(state: LoopState, iteration: int, fp: str, run_id: str,
-             init_digest: str | None) -> dict[str, Any]:
-    """Everything that changes during training, as one torch.save-able dict."""
+             init_digest: str | None, precision: str | None = None) -> dict[str, Any]:
+    """Everything that changes during training, as one torch.save-able dict, and the
+    precision (bf16/fp32) it was trained in."""
     blob: dict[str, Any] = {
         "fingerprint": fp, "iteration": iteration, "run_id": run_id,
-        "init_digest": init_digest,
+        "init_digest": init_digest, "precision": precision,
         "torch_rng": torch.get_rng_state(),
         "log_sums": dict(state.log_sums), "log_count": state.log_count,
     }

@@ -318,5 +318,6 @@ class NullTracker:
         pass
 
     def log_generator(self, model: Any, name: str, register: bool,
-                      tags: Mapping[str, Any] | None = None) -> str | None:
+                      tags: Mapping[str, Any] | None = None, *, blend_base: Any = None,
+                      serve_alpha: float | None = None) -> str | None:
         return None

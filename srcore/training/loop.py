@@ -29,7 +29,7 @@ from srcore.config import FinetuneConfig, Params, PretrainConfig
 from srcore.data.datasets import Pair, RandomCropBatches, load_pairs
 from srcore.layout import Layout
 from srcore.models.srresnet import SRResNet
-from srcore.training import distributed
+from srcore.training import distributed, guard
 from srcore.training.checkpoints import (
     atomic_save,
     fingerprint,
@@ -37,7 +37,7 @@ from srcore.training.checkpoints import (
     restore,
     snapshot,
 )
-from srcore.training.runtime import memory_format, unwrap
+from srcore.training.runtime import memory_format, precision, unwrap
 from srcore.training.steps import StepFn
 from srcore.training.validation import validate, validation_pairs
 
@@ -86,7 +86,7 @@ def final_generator(state: LoopState, generator: nn.Module) -> SRResNet:
 def train_pairs(params: Params, layout: Layout) -> list[Pair]:
     pairs: list[Pair] = []
     for spec in params.data.train:
-        pairs.extend(load_pairs(layout.prepared, spec.name, params.scale))
+        pairs.extend(load_pairs(layout.prepared_split("train"), spec.name, params.scale))
     return pairs
 
 
@@ -124,8 +124,9 @@ def run_loop(stage: str, params: Params, layout: Layout, tracker: LoopTracker,
     """
     main = distributed.current().is_main
     ckpt_path = layout.checkpoint(stage)
-    fp = fingerprint(params, stage)
-    start = _resume(stage, state, ckpt_path, fp, init_digest, tracker)
+    fp = fingerprint(params, stage, layout.prepared)
+    used = precision(params, device).name
+    start = _resume(stage, state, ckpt_path, fp, init_digest, used, tracker)
     val = validation_pairs(params, layout) if main else []
     pairs = train_pairs(params, layout)
     last: dict[str, float] = {}
@@ -136,6 +137,7 @@ def run_loop(stage: str, params: Params, layout: Layout, tracker: LoopTracker,
     it = start
     for it, (lr, hr) in enumerate(batches(params, cfg, pairs, start, device), start=start + 1):
         losses = distributed.average(step_fn(lr, hr))
+        guard.check_values(stage, it, losses, params)  # before the sums: a NaN is never logged
         for k, v in losses.items():
             state.log_sums[k] = state.log_sums.get(k, 0.0) + v
         state.log_count += 1
@@ -145,13 +147,18 @@ def run_loop(stage: str, params: Params, layout: Layout, tracker: LoopTracker,
         for s in state.schedulers.values():
             s.step()
         bar.update(1)
-        if it % cfg.log_every == 0 or it == cfg.iterations:
+        log_now = it % cfg.log_every == 0 or it == cfg.iterations
+        val_now = it % cfg.val_every == 0 or it == cfg.iterations
+        checkpoint_now = it % cfg.checkpoint_every == 0 and it < cfg.iterations
+        if log_now or val_now or checkpoint_now:  # every process: the weights are the same
+            guard.check_weights(stage, it, _weights(state), params)
+        if log_now:
             last = _log_averages(stage, state, bar, tracker, it, lr_used, device)
-        if main and (it % cfg.val_every == 0 or it == cfg.iterations):
+        if main and val_now:
             net = state.ema.module if state.ema is not None else generator
             last.update(_validate_and_log(stage, net, val, params, device, tracker, it))
-        if main and it % cfg.checkpoint_every == 0 and it < cfg.iterations:
-            atomic_save(snapshot(state, it, fp, tracker.run_id, init_digest), ckpt_path)
+        if main and checkpoint_now:
+            atomic_save(snapshot(state, it, fp, tracker.run_id, init_digest, used), ckpt_path)
     bar.close()
     seconds = time.perf_counter() - t0
     done = it - start
@@ -163,15 +170,24 @@ def run_loop(stage: str, params: Params, layout: Layout, tracker: LoopTracker,
     return last
 
 
+def _weights(state: LoopState) -> dict[str, nn.Module]:
+    """Everything training changes that the saved model or a checkpoint would keep."""
+    modules = {k: unwrap(m) for k, m in state.modules.items()}
+    if state.ema is not None:
+        modules["ema"] = state.ema
+    return modules
+
+
 def _resume(stage: str, state: LoopState, ckpt_path: Path, fp: str, init_digest: str | None,
-            tracker: LoopTracker) -> int:
+            precision_used: str, tracker: LoopTracker) -> int:
     """The iteration to start after: rank 0's checkpoint restored on every process, else 0.
 
     The checkpoint dict dies on return: its optimiser state would otherwise live as long as
     the loop.
     """
     main = distributed.current().is_main
-    ckpt = distributed.broadcast(read_checkpoint(ckpt_path, fp, init_digest) if main else None)
+    ckpt = distributed.broadcast(
+        read_checkpoint(ckpt_path, fp, init_digest, precision_used) if main else None)
     if ckpt is None:
         return 0
     restore(state, ckpt, ckpt_path)
@@ -202,6 +218,7 @@ def _validate_and_log(stage: str, net: nn.Module, val: list[Pair], params: Param
     iteration `it` (rank 0 only)."""
     scores, images = validate(net, val, params, device)
     named = {f"val_{k}": v for k, v in scores.items()}
+    guard.check_values(stage, it, named, params)
     tracker.log_metrics({f"{stage}/{k}": v for k, v in named.items()}, step=it)
     for p, img in zip(val, images, strict=True):
         tracker.log_image(img, f"val/{stage}/{it:07d}_{p.name}.png")

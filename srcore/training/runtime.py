@@ -1,5 +1,6 @@
-"""How training runs on this machine: device, seeding and determinism, memory format, bf16
-autocast, fused Adam and torch.compile, each set from params.runtime."""
+"""How training runs on this machine: device, seeding and determinism, memory format, precision
+(bf16 autocast or fp32, srcore.precision), fused Adam and torch.compile, each set from
+params.runtime."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import torch.distributed as dist
 from torch import nn
 
 from srcore.config import Params
+from srcore.precision import Precision
+from srcore.precision import resolve as resolve_precision
 
 #: Opens the mixed-precision context of a step (default: `autocast(params, device)`).
 AmpContext = Callable[[], contextlib.AbstractContextManager[Any]]
@@ -51,25 +54,15 @@ def memory_format(params: Params) -> torch.memory_format:
     return torch.channels_last if params.runtime.channels_last else torch.contiguous_format
 
 
-def cpu_has_native_bf16() -> bool:
-    """oneDNN runs bf16 natively (AVX512-BF16 / AMX): 2.2-2.5x faster steps measured on a
-    2-core Zen 4 (benchmarks/train_throughput.py); elsewhere bf16 is emulated and slower."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def amp_enabled(params: Params, device: torch.device) -> bool:
-    if not params.runtime.amp:
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+def precision(params: Params, device: torch.device) -> Precision:
+    """runtime.precision resolved for `device` (auto: bf16 where it runs natively, else fp32);
+    the stages print, log, tag and checkpoint its `describe()`, so no run is silently either."""
+    return resolve_precision(params.runtime.precision, device)
 
 
 def autocast(params: Params, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast (runtime.amp) on CUDA, and on CPUs with native bf16 support."""
-    enabled = amp_enabled(params, device)
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+    """The autocast context of runtime.precision on `device` (a no-op context for fp32)."""
+    return precision(params, device).autocast(device)
 
 
 def make_adam(module: nn.Module, lr: float, betas: tuple[float, float],

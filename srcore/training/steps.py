@@ -15,11 +15,17 @@ from torch import nn
 from srcore.config import FinetuneConfig, Params
 from srcore.losses import discriminator_loss, generator_adversarial_loss
 from srcore.training import distributed
-from srcore.training.runtime import AmpContext, autocast
+from srcore.training.runtime import AmpContext, precision
 
 #: One training iteration: (LR batch, HR batch) -> losses as plain floats. Floats, not
 #: tensors, so nothing the loop keeps can pin a graph or device memory across iterations.
 StepFn = Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
+
+
+def _autocast(params: Params, device: torch.device) -> AmpContext:
+    """runtime.precision's autocast, resolved once (not per step)."""
+    chosen = precision(params, device)
+    return lambda: chosen.autocast(device)
 
 
 def make_pretrain_step(generator: nn.Module, opt: torch.optim.Optimizer, params: Params,
@@ -28,7 +34,7 @@ def make_pretrain_step(generator: nn.Module, opt: torch.optim.Optimizer, params:
 
     `amp` overrides the mixed-precision context (the benchmark tries CPU bf16 with it).
     """
-    amp = amp or (lambda: autocast(params, device))
+    amp = amp or _autocast(params, device)
 
     def step(lr: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
         with amp():
@@ -56,7 +62,7 @@ def make_finetune_step(generator: nn.Module, disc: nn.Module, content: nn.Module
     Distributed: pass G wrapped by `distributed.data_parallel`; D's gradients are averaged
     here by hand (two forwards per D update are more than DDP's reducer allows).
     """
-    amp = amp or (lambda: autocast(params, device))
+    amp = amp or _autocast(params, device)
 
     def step(lr: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
         with amp():
