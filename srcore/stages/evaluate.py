@@ -17,6 +17,7 @@ from srcore import evaluate, tracking
 from srcore.config import Params
 from srcore.data.datasets import verify_prepared
 from srcore.layout import Layout, write_json
+from srcore.training import runtime
 from srcore.training.checkpoints import load_generator_file
 
 #: params.yaml keys whose values change this stage's result (dvc.yaml's params): the gate's
@@ -24,7 +25,7 @@ from srcore.training.checkpoints import load_generator_file
 PARAMS = (
     "scale", "data.val", "data.test",
     "evaluate.crop_border", "evaluate.tile", "evaluate.tile_overlap", "evaluate.grid_images",
-    "evaluate.alphas", "runtime.device",
+    "evaluate.alphas", "runtime.device", "runtime.precision", "runtime.channels_last",
     "tracking.gate_set", "tracking.gate_metric_srgan", "tracking.gate_psnr_budget_db",
 )
 
@@ -38,11 +39,14 @@ def run(params: Params, layout: Layout) -> None:
     verify_prepared(layout.prepared, params.data, ("val", "test"))
     generators = {name: load_generator_file(layout.model(name))
                   for name in ("srresnet", "srgan")}
+    chosen = runtime.precision(params, runtime.resolve_device(params.runtime.device))
+    print(f"evaluate: {chosen.describe()}", file=sys.stderr)
     with tracking.stage_run(params.tracking.experiment, "evaluate") as tracker:
+        tracker.log_params({"runtime.precision_used": chosen.describe()})
         # 3. work + 4. outputs: metrics/evaluate.json, plots/evaluate.csv, reports/grid_*.png
         summary, grids = evaluate.evaluate(
             params, layout.prepared, generators, layout.metrics / "evaluate.json",
-            layout.plots / "evaluate.csv", layout.reports)
+            layout.plots / "evaluate.csv", layout.reports, chosen)
         # 4. outputs: metrics/val.json (what `dvc metrics show` prints), the numbers,
         #    grids and CSV in MLflow; the registry's tags and aliases
         write_json(layout.metrics / "val.json", headline(summary, gate_set))
