@@ -127,6 +127,9 @@ def publish(root: str, parent_run_id: str, ui_url: str) -> str:
     if "evaluate" in runs:
         lines += [f"- [comparison grid {g.stem}]({runs['evaluate']}/artifacts/grids/{g.name})"
                   for g in sorted((Path(root) / "reports").glob("grid_*.png"))]
+        lines += [f"- [perception-distortion plane {g.stem.removeprefix('perception_distortion_')}]"
+                  f"({runs['evaluate']}/artifacts/grids/{g.name})"
+                  for g in sorted((Path(root) / "reports").glob("perception_distortion_*.png"))]
     create_markdown_artifact(
         key="srgan-metrics",
         markdown="# Benchmark (Y channel, border crop)\n\n" + markdown

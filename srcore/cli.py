@@ -63,13 +63,9 @@ def cmd_models(args: argparse.Namespace) -> None:
                         "training stage, or set MLFLOW_TRACKING_URI")
     try:
         if args.models_command == "compare":
-            frame = tracking.compare([args.name] if args.name else ["srresnet", "srgan"])
-            print(frame.to_string(index=False) if not frame.empty
-                  else f"no registered versions in {uri}")
+            print(tracking.compare_text([args.name] if args.name else ["srresnet", "srgan"]))
         else:
-            previous = tracking.promote(args.name, args.version, args.reason)
-            print(f"{args.name} v{args.version} is now @{tracking.CHAMPION}"
-                  + (f" (was v{previous})" if previous else ""))
+            print(tracking.promote_text(args.name, args.version, args.reason))
     except tracking.RegistryError as err:
         raise UserError(str(err)) from None
 

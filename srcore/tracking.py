@@ -377,6 +377,7 @@ class GateDecision:
     decision: str  # promoted | champion_kept | already_champion | refused
     champion: str  # the champion after the gate ("" when there is none)
     reason: str
+    rule: str = ""  # the GateRule it was judged by, as recorded in the gate_rule tag
 
     @property
     def promoted(self) -> bool:
@@ -392,7 +393,8 @@ class GateDecision:
                     f"@{CHAMPION} stays v{self.champion}")
         else:
             head = f"{self.name} v{self.version} is @{CHALLENGER}; there is no @{CHAMPION}"
-        return f"registry gate: {head} ({self.reason})"
+        rule = f" [rule: {self.rule}]" if self.rule else ""
+        return f"registry gate: {head} ({self.reason}){rule}"
 
 
 def metric_tag(set_name: str, metric: str) -> str:
@@ -541,7 +543,7 @@ def gate(name: str, version: str, set_name: str, metric: str, *,
     for tag, value in {"gate_decision": decision, "gate_reason": reason,
                        "gate_rule": str(rule), "gate_metric": key}.items():
         client.set_model_version_tag(name, version, tag, value)
-    return GateDecision(name, version, decision, current or "", reason)
+    return GateDecision(name, version, decision, current or "", reason, str(rule))
 
 
 def promote(name: str, version: str, reason: str, who: str | None = None) -> str | None:
@@ -624,6 +626,29 @@ def compare(names: Sequence[str]) -> pd.DataFrame:
     metric_cols = sorted(c for c in frame.columns if "." in c)
     frame = frame[fixed + metric_cols]
     return frame.sort_values(["model", "version"], ascending=[True, False], ignore_index=True)
+
+
+def compare_text(names: Sequence[str]) -> str:
+    """`srgan models compare`: the table, and which metric columns are lower-is-better."""
+    frame = compare(names)
+    if frame.empty:
+        return f"no registered versions in {tracking_uri()}"
+    text = frame.to_string(index=False)
+    lower = sorted({c.rsplit(".", 1)[-1] for c in frame.columns
+                    if c.rsplit(".", 1)[-1] in LOWER_IS_BETTER})
+    if lower:
+        text += (f"\n(lower is better: {', '.join(lower)}; higher is better: every other "
+                 "metric column)")
+    return text
+
+
+def promote_text(name: str, version: str, reason: str) -> str:
+    """`srgan models promote`: promote by hand, then say how the new champion compares with
+    the old one on the metric the gate judged the old one by, in that metric's direction."""
+    previous = promote(name, version, reason)
+    text = f"{name} v{version} is now @{CHAMPION}" + (f" (was v{previous})" if previous else "")
+    note = gate_comparison(name, version, previous) if previous else None
+    return text + (f"\n{note}" if note else "")
 
 
 def run_links(parent_run_id: str, ui_url: str) -> dict[str, str]:

@@ -259,3 +259,24 @@ def test_evaluate_gates_srgan_on_validation_niqe_within_the_psnr_budget(
     decisions = registry_gate(params, layout, summary, "sample_val")
     assert [(d.name, d.decision) for d in decisions] == [("srresnet", "already_champion"),
                                                         ("srgan", "promoted")]
+    # The line evaluate prints names the metric, its direction and the PSNR budget.
+    line = str(decisions[1])
+    assert line.startswith(f"registry gate: srgan v{gan} is now @champion")
+    assert ("[rule: metric.sample_val.niqe (lower is better); psnr_y above bicubic's 24.00; "
+            f"psnr_y within {budget:g} dB of @champion srresnet]") in line
+
+
+def test_compare_says_which_columns_are_lower_is_better_and_promote_compares(
+        register: Register, capsys: pytest.CaptureFixture[str]) -> None:
+    v1 = register("srgan", metrics={"val": {"psnr_y": 27.0, "niqe": 5.0}})
+    tracking.gate("srgan", v1, "val", "niqe")
+    v2 = register("srgan", metrics={"val": {"psnr_y": 27.5, "niqe": 5.8}})
+    tracking.gate("srgan", v2, "val", "niqe")  # higher NIQE: kept as challenger
+    assert cli.main(["models", "compare", "srgan"]) == 0
+    out = capsys.readouterr().out
+    assert "val.niqe" in out and "(lower is better: niqe;" in out
+    assert cli.main(["models", "promote", "srgan", v2, "--reason", "sharper"]) == 0
+    out = capsys.readouterr().out
+    assert f"srgan v{v2} is now @champion (was v{v1})" in out
+    assert (f"metric.val.niqe: v{v2} 5.8000 is worse than v{v1}'s 5.0000 (lower is better)"
+            in out)

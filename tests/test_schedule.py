@@ -228,6 +228,7 @@ def test_scheduled_runs_operators_can_leave_alone(project: Path, tmp_path: Path,
         assert f"/runs/{parent.info.run_id})" in markdown
         assert "[evaluate run](" in markdown and "registered [srgan](" in markdown
         assert "[comparison grid grid_heldout](" in markdown and "v1 @champion" in markdown
+        assert "[perception-distortion plane sample_val](" in markdown  # val images: NIQE
         assert "models/srgan.pt is [v1](http://127.0.0.1:5000/#/models/srgan/versions/1)" \
             ", gate: promoted" in markdown
         assert f"/runs/{parent.info.run_id}" in page["mlflow-run"]

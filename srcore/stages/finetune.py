@@ -57,7 +57,8 @@ def run(params: Params, layout: Layout) -> None:
     if params.finetune.content_loss != "mse":
         from srcore.models.vgg import load_vgg19_state_dict
 
-        vgg = load_vgg19_state_dict()
+        vgg = load_vgg19_state_dict(retries=params.download.retries,
+                                    timeout=params.download.timeout_s)
     with training_session("finetune", params, layout, init=init) as session:
         # 3. work
         model, metrics = train(params, layout, session.tracker, vgg)
