@@ -28,6 +28,7 @@ from srcore.config import Params
 from srcore.data.datasets import Pair, load_pairs
 from srcore.data.degrade import imresize
 from srcore.data.images import save_png, to_rgb
+from srcore.figures import pyplot, save_figure
 from srcore.metrics import luma, niqe_y, psnr_y, ssim_daala_y, ssim_y
 from srcore.models.interpolate import blend
 from srcore.precision import Precision
@@ -311,11 +312,7 @@ def plane_points(summary: dict[str, dict[str, dict[str, float]]]) -> pd.DataFram
 def plot_plane(points: pd.DataFrame, set_name: str, path: Path) -> Path:
     """PSNR-Y against NIQE for one set: bicubic, the alpha curve from SRResNet to SRGAN, and
     HR's NIQE as the line to reach (HR has no distortion, so no PSNR). Axes fit the data."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     own = points[points["set"] == set_name]
     curve = own[own["alpha"].notna()].sort_values("alpha")
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
@@ -340,12 +337,7 @@ def plot_plane(points: pd.DataFrame, set_name: str, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def _atomic_text(path: Path, text: str) -> None:

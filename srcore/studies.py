@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from srcore import versioning
+from srcore.figures import pyplot, save_figure
 
 #: Where the tables and plots go (git-ignored; the experiments themselves are DVC's).
 OUT_DIR = "studies"
@@ -130,12 +131,7 @@ def write_table(rows: list[dict[str, Any]], study: Study, path: Path) -> None:
 
 def plot(rows: list[dict[str, Any]], study: Study, path: Path) -> None:
     """The first two columns (PSNR-Y) against the varied value; a line per column."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(6.4, 4.2), dpi=100)
     labels = [str(r[study.key]) for r in rows]
     for title, group, _ in study.columns:
         if group != "psnr":
@@ -150,8 +146,4 @@ def plot(rows: list[dict[str, Any]], study: Study, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
