@@ -127,3 +127,18 @@ def test_paper_overlay_validates_only_on_validation_and_reports_the_benchmarks()
     assert [s.name for s in paper.data.val] == ["div2k_valid"]
     assert [s.name for s in paper.data.test] == ["set5", "set14", "bsd100"]
     assert paper.tracking.gate_set == "div2k_valid"
+
+
+def test_srgan_params_apply_takes_the_paper_overlay(tmp_path: Path) -> None:
+    """The documented command: `srgan params apply configs/paper.yaml` on the checked-in
+    params.yaml gives a valid recipe, the paper's, validated the same way every stage loads it."""
+    from srcore import cli
+
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    assert cli.main(["--params", str(params), "--root", str(tmp_path), "params", "apply",
+                     str(REPO / "configs" / "paper.yaml")]) == 0
+    paper = config.load(params)
+    assert paper.finetune.content_loss == "vgg54" and paper.pretrain.iterations == 10**6
+    assert [s.name for s in paper.data.val] == ["div2k_valid"]
+    assert "# srgan-pipeline parameters" in params.read_text()  # comments kept

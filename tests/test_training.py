@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import copy
 import gc
+import json
 import math
 import os
 import random
@@ -698,3 +699,21 @@ def test_an_unreadable_checkpoint_is_reported_once_in_our_words(
                             "starting over")
     assert "weights_only" not in err
     assert layout.model("srresnet").is_file() and not layout.checkpoint("pretrain").exists()
+
+
+def test_training_never_reads_a_test_set(tmp_path: Path, prepared_sets: Path,
+                                         mlflow_store: str) -> None:
+    """Training, validation, checkpoint choice and the gate's inputs come from train and val
+    only: with the prepared test split deleted, `srgan pretrain` and `srgan finetune` both
+    run, and validation scored the val image."""
+    from srcore import cli
+
+    raw = _params(pretrain={"val_every": 2}, finetune={"val_every": 2})
+    params, layout = _project(tmp_path, prepared_sets, raw)
+    shutil.rmtree(layout.prepared / "test")
+    args = ["--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path)]
+    assert cli.main([*args, "pretrain"]) == 0
+    assert cli.main([*args, "finetune"]) == 0
+    assert not (layout.prepared / "test").exists()
+    val = json.loads((layout.metrics / "finetune.json").read_text())
+    assert {"val_psnr_y", "val_niqe"} <= set(val)  # the 200x104 val image: NIQE defined
