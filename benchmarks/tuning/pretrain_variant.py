@@ -1,8 +1,7 @@
-"""One pretraining variant of the quick profile, scored on sample_test and Set5 (issue 9).
+"""One pretraining variant of the quick profile, scored on the validation split only.
 
-The tuning log in the README was measured with this script, two variants at a time, one thread
-each, in a workspace after `srgan download --no-dvc && srgan prepare` with
-configs/shared-benchmarks.yaml applied (so prepared/ also holds set5):
+Tuning reads `sample_val`, never a test set (the issue-9 log, measured on sample_test and Set5,
+spent them). Run it in a workspace after `srgan download --no-dvc && srgan prepare`:
 
     SRGAN_PREPARED=prepared python benchmarks/tuning/pretrain_variant.py \\
         batch=8 iters=3000 sched=cos flat=8 name=E evals=1500,3000 save=E.pt
@@ -11,7 +10,8 @@ Knobs (key=value): iters, batch, crop (HR), lr, blocks, sched (const | cos | ste
 fraction F), loss (mse | l1), flat (redraw crops whose HR std, 0-255, is below it: the rule
 of srcore's min_crop_std, applied here after the loader), sampling, ema, nobn (BatchNorm
 replaced by identity), seed, threads, evals (iterations to score at), save (state dict path).
-Prints one JSON line per evaluation: PSNR-Y gain over bicubic in dB, mean and per image.
+Prints one JSON line per evaluation: validation PSNR-Y gain over bicubic in dB (mean and per
+image) and validation NIQE.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch import nn
 
 from srcore.data.datasets import Pair, RandomCropBatches, load_pairs
 from srcore.data.degrade import imresize
-from srcore.metrics import psnr_y
+from srcore.metrics import niqe_y, psnr_y
 from srcore.models.srresnet import SRResNet
 from srcore.upscale import upscale_image
 
@@ -55,9 +55,11 @@ def gains(net: nn.Module, tests: dict[str, list[Pair]],
           bicubic: dict[str, list[float]]) -> dict[str, tuple[float, list[float]]]:
     out = {}
     for name, pairs in tests.items():
-        scores = [psnr_y(upscale_image(net, p.lr, 4), p.hr) for p in pairs]
+        images = [upscale_image(net, p.lr, 4) for p in pairs]
+        scores = [psnr_y(sr, p.hr) for sr, p in zip(images, pairs, strict=True)]
         out[name] = (float(np.mean(scores) - np.mean(bicubic[name])),
                      [round(a - b, 2) for a, b in zip(scores, bicubic[name], strict=True)])
+        out[f"{name}_niqe"] = (float(np.mean([niqe_y(sr, 4) for sr in images])), [])
     return out
 
 
@@ -66,8 +68,8 @@ def main() -> None:
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
     prep = Path(os.environ.get("SRGAN_PREPARED", "prepared"))
-    train = load_pairs(prep, "sample_train", 4)
-    tests = {s: load_pairs(prep, s, 4) for s in ("sample_test", "set5")}
+    train = load_pairs(prep / "train", "sample_train", 4)
+    tests = {"sample_val": load_pairs(prep / "val", "sample_val", 4)}
     bicubic = {s: [psnr_y(imresize(p.lr, 4.0), p.hr) for p in ps] for s, ps in tests.items()}
     data = RandomCropBatches(train, cfg["batch"], cfg["crop"], 4, cfg["seed"], True,
                              cfg["sampling"])
@@ -130,13 +132,13 @@ def main() -> None:
         if i + 1 in evals:
             res = gains(model, tests, bicubic)
             line = {"name": cfg["name"], "it": i + 1, "t": round(time.perf_counter() - t0),
-                    "ttrain": round(t_train), "test": round(res["sample_test"][0], 3),
-                    "set5": round(res["set5"][0], 3), "per": res["sample_test"][1],
-                    "rej": redrawn}
+                    "ttrain": round(t_train), "val": round(res["sample_val"][0], 3),
+                    "val_niqe": round(res["sample_val_niqe"][0], 3),
+                    "per": res["sample_val"][1], "rej": redrawn}
             if ema is not None:
                 res = gains(ema.module, tests, bicubic)
-                line.update(ema_test=round(res["sample_test"][0], 3),
-                            ema_set5=round(res["set5"][0], 3))
+                line.update(ema_val=round(res["sample_val"][0], 3),
+                            ema_val_niqe=round(res["sample_val_niqe"][0], 3))
             print(json.dumps(line), flush=True)
     if cfg["save"]:
         torch.save((ema.module if ema is not None else model).state_dict(), cfg["save"])
