@@ -118,6 +118,9 @@ class _TrainCommon(_Strict):
     augment: bool
     sampling: Literal["pixel", "image"]
     min_crop_std: NonNegFloat  # redraw HR crops flatter than this (0-255 scale); 0 = off
+    # Beyond the paper: the stage's G (and its BN statistics) is an exponential moving average
+    # of its weights with this decay; null = the last weights, as the paper.
+    ema_decay: Annotated[float, Field(gt=0, lt=1)] | None
     log_every: PositiveInt
     val_every: PositiveInt
     checkpoint_every: PositiveInt
@@ -151,8 +154,7 @@ class RuntimeConfig(_Strict):
     precision: Literal["auto", "bf16", "fp32"]
     compile: bool
     deterministic: bool
-    ema_decay: Annotated[float, Field(gt=0, lt=1)] | None
-    # Data-parallel training when launched by torchrun (srcore/distributed.py); the global
+    # Data-parallel training when launched by torchrun (srcore/training/distributed.py); the global
     # batch stays pretrain/finetune.batch_size, split evenly over the processes.
     distributed: bool
 

@@ -210,7 +210,7 @@ def test_interrupted_finetune_with_ema_resumes_exactly(
     """D, both optimisers, the lr drop at the midpoint, EMA and log averages all resume."""
     raw = _params(finetune={"iterations": 10, "checkpoint_every": 4, "log_every": 3,
                             "val_every": 10, "lr": 1e-3, "lr_second_half": 1e-4})
-    raw["runtime"]["ema_decay"] = 0.9
+    raw["finetune"]["ema_decay"] = 0.9
     params, straight = _project(tmp_path / "a", prepared_sets, raw)
     _, resumed = _project(tmp_path / "b", prepared_sets, raw)
     for layout in (straight, resumed):
@@ -447,10 +447,11 @@ def test_finetune_recipe_and_mlflow_logging(tmp_path: Path, prepared_sets: Path,
 
 
 def test_ema_averages_weights_and_buffers() -> None:
-    params = config.parse(_params(runtime={"ema_decay": 0.75}))
+    params = config.parse(_params(pretrain={"ema_decay": 0.75}))
     g = SRResNet(1, 4)
-    ema = loop.make_ema(params, g)
-    assert ema is not None and loop.make_ema(config.parse(_params()), g) is None
+    ema = loop.make_ema(params.pretrain.ema_decay, g)
+    assert ema is not None and loop.make_ema(None, g) is None
+    assert config.parse(_params()).pretrain.ema_decay is None  # pretraining keeps its weights
     before = {k: v.clone() for k, v in g.state_dict().items()}
     ema.update_parameters(g)  # the first update copies
     with torch.no_grad():

@@ -10,8 +10,10 @@ the alpha blends (0.25, 0.5, 0.75) of the final SRGAN with its SRResNet.
 Test sets are never read. Workspace: a project folder after `srgan download --no-dvc`,
 `srgan prepare` and `srgan pretrain`:
 
-    python benchmarks/tuning/finetune_tradeoff.py WORKSPACE name=paper \\
-        finetune.lr=1e-4 finetune.lr_second_half=1e-5 finetune.iterations=400 threads=1
+    python benchmarks/tuning/finetune_tradeoff.py WORKSPACE name=ema1000 threads=2 \\
+        finetune.iterations=1000 finetune.ema_decay=0.99 finetune.val_every=200
+
+(The README's log was measured at commit 13117d4, where the EMA key was runtime.ema_decay.)
 """
 
 from __future__ import annotations

@@ -37,9 +37,9 @@ PARAMS = (
     "finetune.iterations", "finetune.batch_size", "finetune.hr_crop", "finetune.lr",
     "finetune.lr_second_half", "finetune.beta1", "finetune.beta2", "finetune.content_loss",
     "finetune.adv_weight", "finetune.d_steps", "finetune.d_channels", "finetune.augment",
-    "finetune.sampling", "finetune.min_crop_std",
+    "finetune.sampling", "finetune.min_crop_std", "finetune.ema_decay",
     "runtime.device", "runtime.channels_last", "runtime.precision", "runtime.compile",
-    "runtime.deterministic", "runtime.ema_decay", "runtime.distributed",
+    "runtime.deterministic", "runtime.distributed",
     "evaluate.crop_border",  # the validation PSNR-Y in metrics/<stage>.json
 )
 
@@ -93,7 +93,7 @@ def train(params: Params, layout: Layout, tracker: LoopTracker,
     }
     state = LoopState({"generator": generator, "discriminator": disc},
                       {"generator": opt_g, "discriminator": opt_d}, scheds,
-                      ema=make_ema(params, generator))
+                      ema=make_ema(cfg.ema_decay, generator))
     trained = distributed.data_parallel(generator, device)
     step = steps.make_finetune_step(maybe_compile(params, trained), disc, content, opt_g, opt_d,
                                     cfg, params, device)

@@ -26,9 +26,9 @@ PARAMS = (
     "model.blocks", "model.channels", "model.global_skip",
     "pretrain.iterations", "pretrain.batch_size", "pretrain.hr_crop", "pretrain.lr",
     "pretrain.lr_schedule", "pretrain.beta1", "pretrain.beta2", "pretrain.augment",
-    "pretrain.sampling", "pretrain.min_crop_std",
+    "pretrain.sampling", "pretrain.min_crop_std", "pretrain.ema_decay",
     "runtime.device", "runtime.channels_last", "runtime.precision", "runtime.compile",
-    "runtime.deterministic", "runtime.ema_decay", "runtime.distributed",
+    "runtime.deterministic", "runtime.distributed",
     "evaluate.crop_border",  # the validation PSNR-Y in metrics/<stage>.json
 )
 
@@ -66,7 +66,7 @@ def train(params: Params, layout: Layout,
     if cfg.lr_schedule == "cosine":
         scheds["generator"] = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations)
     state = LoopState({"generator": generator}, {"generator": opt}, scheds,
-                      ema=make_ema(params, generator))
+                      ema=make_ema(cfg.ema_decay, generator))
     trained = distributed.data_parallel(generator, device)
     step = steps.make_pretrain_step(maybe_compile(params, trained), opt, params, device)
     generator.train()

@@ -64,9 +64,10 @@ class LoopState:
     log_count: int = 0
 
 
-def make_ema(params: Params, model: nn.Module) -> torch.optim.swa_utils.AveragedModel | None:
-    """EMA of G's weights and BN statistics (beyond the paper); None when ema_decay is null."""
-    decay = params.runtime.ema_decay
+def make_ema(decay: float | None, model: nn.Module) -> torch.optim.swa_utils.AveragedModel | None:
+    """EMA of G's weights and BN statistics (beyond the paper: `<stage>.ema_decay`); None when
+    the decay is null. Fine-tuning against a discriminator that starts from scratch moves G
+    around more than the trend it follows; the average keeps the trend."""
     if decay is None:
         return None
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
