@@ -141,77 +141,92 @@ def _attempt(
         raise DownloadError(f"cannot download {url}: {exc}") from exc
 
     with resp:
-        status = resp.status_code
-        if status == 416 and offset:
-            # Nothing left to send after `offset`: the part is complete if the server's
-            # declared total agrees (or it declares none); verification happens later.
-            match = _UNSATISFIED_RANGE_RE.match(resp.headers.get("Content-Range", "").strip())
-            if match and int(match.group(1)) != offset:
-                part.unlink(missing_ok=True)
-                raise _Retryable(
-                    f"partial file has {offset} bytes but server reports "
-                    f"{match.group(1)}; discarded it"
-                )
+        resume = _resume_point(resp, url, part, offset)
+        if resume is None:
             return
-        if status in _TRANSIENT_STATUS or status >= 500:
-            raise _Retryable(f"HTTP {status}")
-        if status == 200:
-            mode, start = "wb", 0  # server ignored Range (or none was sent): start over
-        elif status == 206 and offset:
-            match = _CONTENT_RANGE_RE.match(resp.headers.get("Content-Range", "").strip())
-            if not match or int(match.group(1)) != offset:
-                part.unlink(missing_ok=True)
-                raise _Retryable(
-                    f"server answered Range bytes={offset}- with Content-Range "
-                    f"{resp.headers.get('Content-Range')!r}; discarded partial file"
-                )
-            mode, start = "ab", offset
-        else:
-            reason = " (a retry will not help)" if 400 <= status < 500 else ""
-            raise DownloadError(f"HTTP {status} for {url}{reason}")
-
         length = _int_header(resp, "Content-Length")
-        total = start + length if length is not None else None
-        written = 0
-        try:
-            fh = open(part, mode)  # noqa: SIM115 - closed by the with below
-        except OSError as exc:  # local disk trouble is not something a retry fixes
-            raise DownloadError(f"cannot write {part} while downloading {url}: {exc}") from exc
-        bar = tqdm(
-            total=total,
-            initial=start,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=part.name[: -len(".part")],
-            disable=None if progress else True,  # None: off when stderr is not a tty
-            leave=False,
-        )
-        with fh, bar:
-            # raw.stream with decode_content=False: we asked for identity, and if a server
-            # compresses anyway we store exactly the bytes that Content-Length and Range
-            # count, so resume offsets stay consistent.
-            chunks = resp.raw.stream(_CHUNK, decode_content=False)
-            while True:
-                try:
-                    chunk = next(chunks)
-                except StopIteration:
-                    break
-                except (requests.RequestException, Urllib3HTTPError, OSError) as exc:
-                    raise _Retryable(
-                        f"connection dropped after {start + written} bytes: {exc}"
-                    ) from exc
-                try:
-                    fh.write(chunk)
-                except OSError as exc:
-                    raise DownloadError(
-                        f"cannot write {part} while downloading {url}: {exc}"
-                    ) from exc
-                written += len(chunk)
-                bar.update(len(chunk))
-
+        written = _write_body(resp, url, part, resume, length, progress)
         if length is not None and written != length:
             raise _Retryable(f"short read: got {written} of {length} bytes")
+
+
+def _resume_point(resp: requests.Response, url: str, part: Path, offset: int) -> int | None:
+    """Where the body in ``resp`` starts in ``part``; None when ``part`` is already complete.
+
+    A server may ignore Range (200: start over) or answer a different range than asked
+    (the partial file is then untrustworthy and discarded).
+    """
+    status = resp.status_code
+    if status == 416 and offset:
+        # Nothing left to send after `offset`: the part is complete if the server's
+        # declared total agrees (or it declares none); verification happens later.
+        match = _UNSATISFIED_RANGE_RE.match(resp.headers.get("Content-Range", "").strip())
+        if match and int(match.group(1)) != offset:
+            part.unlink(missing_ok=True)
+            raise _Retryable(
+                f"partial file has {offset} bytes but server reports "
+                f"{match.group(1)}; discarded it"
+            )
+        return None
+    if status in _TRANSIENT_STATUS or status >= 500:
+        raise _Retryable(f"HTTP {status}")
+    if status == 200:
+        return 0
+    if status == 206 and offset:
+        match = _CONTENT_RANGE_RE.match(resp.headers.get("Content-Range", "").strip())
+        if not match or int(match.group(1)) != offset:
+            part.unlink(missing_ok=True)
+            raise _Retryable(
+                f"server answered Range bytes={offset}- with Content-Range "
+                f"{resp.headers.get('Content-Range')!r}; discarded partial file"
+            )
+        return offset
+    reason = " (a retry will not help)" if 400 <= status < 500 else ""
+    raise DownloadError(f"HTTP {status} for {url}{reason}")
+
+
+def _write_body(resp: requests.Response, url: str, part: Path, start: int,
+                length: int | None, progress: bool) -> int:
+    """Stream the body into ``part`` from byte ``start``; returns the bytes written."""
+    total = start + length if length is not None else None
+    written = 0
+    try:
+        fh = open(part, "ab" if start else "wb")  # noqa: SIM115 - closed by the with below
+    except OSError as exc:  # local disk trouble is not something a retry fixes
+        raise DownloadError(f"cannot write {part} while downloading {url}: {exc}") from exc
+    bar = tqdm(
+        total=total,
+        initial=start,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=part.name[: -len(".part")],
+        disable=None if progress else True,  # None: off when stderr is not a tty
+        leave=False,
+    )
+    with fh, bar:
+        # raw.stream with decode_content=False: we asked for identity, and if a server
+        # compresses anyway we store exactly the bytes that Content-Length and Range
+        # count, so resume offsets stay consistent.
+        chunks = resp.raw.stream(_CHUNK, decode_content=False)
+        while True:
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                break
+            except (requests.RequestException, Urllib3HTTPError, OSError) as exc:
+                raise _Retryable(
+                    f"connection dropped after {start + written} bytes: {exc}"
+                ) from exc
+            try:
+                fh.write(chunk)
+            except OSError as exc:
+                raise DownloadError(
+                    f"cannot write {part} while downloading {url}: {exc}"
+                ) from exc
+            written += len(chunk)
+            bar.update(len(chunk))
+    return written
 
 
 def download(
@@ -231,6 +246,25 @@ def download(
     ``sha256_prefix``, the leading hex digits torch.hub reads from a file name, is given)
     verified. Returns ``dest``. Raises ``DownloadError`` naming the URL on final failure.
     """
+    expected = _check_request(url, sha256, sha256_prefix, retries)
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = _part_path(dest)
+    _fetch_with_retries(url, part, retries=retries, timeout=timeout, backoff=backoff,
+                        progress=progress)
+    if expected is not None or sha256_prefix:
+        actual = sha256_file(part)
+        wanted = expected or f"a digest starting with {sha256_prefix}"
+        if actual != (expected or actual) or not actual.startswith(sha256_prefix or ""):
+            part.unlink(missing_ok=True)
+            raise ChecksumMismatch(url, wanted, actual)
+    os.replace(part, dest)
+    return dest
+
+
+def _check_request(url: str, sha256: str | None, sha256_prefix: str | None,
+                   retries: int) -> str | None:
+    """Refuse a bad request before any byte moves; returns the normalised expected digest."""
     scheme = urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):
         raise DownloadError(f"unsupported URL scheme {scheme!r} for {url} (need http/https)")
@@ -243,11 +277,12 @@ def download(
         raise DownloadError(f"invalid sha256 prefix {sha256_prefix!r} for {url}")
     if retries < 0:
         raise ValueError("retries must be >= 0")
+    return expected
 
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = _part_path(dest)
 
+def _fetch_with_retries(url: str, part: Path, *, retries: int, timeout: float,
+                        backoff: float, progress: bool) -> None:
+    """Attempts with exponential backoff; the part file survives a final failure for resume."""
     last_reason = "no attempt made"
     with requests.Session() as session:
         for attempt in range(retries + 1):
@@ -260,21 +295,11 @@ def download(
                 time.sleep(delay)
             try:
                 _attempt(session, url, part, timeout, progress)
-                break
+                return
             except _Retryable as exc:
                 last_reason = str(exc)
-        else:
-            kept = f"; kept {_size(part)} bytes in {part} for resume" if part.exists() else ""
-            raise DownloadError(
-                f"giving up on {url} after {retries + 1} attempt(s): {last_reason}{kept}",
-                transient=True,
-            )
-
-    if expected is not None or sha256_prefix:
-        actual = sha256_file(part)
-        wanted = expected or f"a digest starting with {sha256_prefix}"
-        if actual != (expected or actual) or not actual.startswith(sha256_prefix or ""):
-            part.unlink(missing_ok=True)
-            raise ChecksumMismatch(url, wanted, actual)
-    os.replace(part, dest)
-    return dest
+    kept = f"; kept {_size(part)} bytes in {part} for resume" if part.exists() else ""
+    raise DownloadError(
+        f"giving up on {url} after {retries + 1} attempt(s): {last_reason}{kept}",
+        transient=True,
+    )
