@@ -387,53 +387,116 @@ def predictions_body(images: list[bytes]) -> Iterator[bytes]:
 # -------------------------------------------------------------------------------- the app
 
 
-def build_app(engine: Engine, options: ServerOptions) -> Any:
-    """The FastAPI app over one Engine: admission, the scoring protocol, the counters."""
-    from srcore.upscale import Cancelled, MissingSRResNet, NonFiniteOutput
+class _Scoring:
+    """POST /invocations: admission, parsing, one slot's compute, and the error mapping."""
 
-    admission = Admission(options.slots, options.queue)
-    executor = ThreadPoolExecutor(max_workers=options.slots, thread_name_prefix="srgan-slot")
+    def __init__(self, engine: Engine, options: ServerOptions) -> None:
+        self.engine = engine
+        self.options = options
+        self.admission = Admission(options.slots, options.queue)
+        self.executor = ThreadPoolExecutor(max_workers=options.slots,
+                                           thread_name_prefix="srgan-slot")
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_: Any) -> AsyncIterator[None]:
-        yield
-        admission.stop_all("server shutting down")
-        executor.shutdown(wait=True, cancel_futures=False)
+    def close(self) -> None:
+        self.admission.stop_all("server shutting down")
+        self.executor.shutdown(wait=True, cancel_futures=False)
 
-    app = FastAPI(title="srgan serve", lifespan=lifespan)
-    app.state.admission = admission
+    async def __call__(self, request: Request) -> Response:
+        job = Job(deadline=time.monotonic() + self.options.timeout_s)
+        if not self.admission.admit(job):
+            wait = self.admission.retry_after()
+            state = self.admission.snapshot()
+            return _error(Rejected(
+                503, "TEMPORARILY_UNAVAILABLE",
+                f"busy: {state['running']} computing, {state['waiting']} waiting (srgan serve "
+                f"--slots {self.options.slots} --queue {self.options.queue}); retry after "
+                f"{wait} s", {"Retry-After": str(wait)}))
+        handed_over = [False]
+        try:
+            return await self._score(request, job, handed_over)
+        except Exception as err:  # noqa: BLE001 - every failure is one clear answer
+            return self._failure(err)
+        finally:
+            if not handed_over[0]:
+                self.admission.leave(job)
 
-    def error(err: Rejected) -> Response:
-        return JSONResponse({"error_code": err.code, "message": str(err)},
-                            status_code=err.status, headers=err.headers)
+    async def _score(self, request: Request, job: Job, handed_over: list[bool]) -> Response:
+        from srcore.serving import request_params
 
-    def compute(job: Job, images: list[Any], alpha: float | None, tile: int) -> list[bytes]:
-        admission.start(job)
+        content_type = request.headers.get("content-type", "application/json")
+        if not content_type.startswith("application/json"):
+            raise Rejected(415, "BAD_REQUEST", f"Content-Type {content_type!r}: send "
+                           "application/json")
+        body = await self._read_body(request)
+        images, params = parse_request(body)
+        del body
+        try:
+            alpha, tile = request_params(params)
+        except ValueError as err:
+            raise Rejected(400, "INVALID_PARAMETER_VALUE", str(err)) from None
+        tile = self.options.tile if tile == 0 else min(tile, self.options.tile)
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self.executor, self._compute, job, images, alpha, tile)
+        future.add_done_callback(_retrieve)  # a stopped job's Cancelled is expected
+        handed_over[0] = True
+        del images
+        result = await self._wait_for(request, job, future)
+        if result is None:
+            return Response(status_code=499)  # nobody reads it
+        self.admission.count("completed")
+        return StreamingResponse(predictions_body(result), media_type="application/json")
+
+    def _failure(self, err: Exception) -> Response:
+        from srcore.data.images import ImageError
+        from srcore.upscale import Cancelled, MissingSRResNet, NonFiniteOutput
+
+        if isinstance(err, ClientDisconnect):
+            self.admission.count("client_gone")
+            return Response(status_code=499)
+        if not (isinstance(err, Rejected) and err.status == 504):
+            self.admission.count("failed")
+        if isinstance(err, Rejected):
+            return _error(err)
+        if isinstance(err, (ImageError, MissingSRResNet)):
+            return _error(Rejected(400, "INVALID_PARAMETER_VALUE", str(err)))
+        if isinstance(err, NonFiniteOutput):
+            return _error(Rejected(500, "INTERNAL_ERROR", f"{self.engine.source}: {err}"))
+        if isinstance(err, Cancelled):  # stopped for shutdown
+            return _error(Rejected(503, "TEMPORARILY_UNAVAILABLE", "the server is stopping"))
+        # out of memory, a bug: one line, not a crash
+        return _error(Rejected(500, "INTERNAL_ERROR", f"{type(err).__name__}: {err}"))
+
+    def _compute(self, job: Job, images: list[Any], alpha: float | None,
+                 tile: int) -> list[bytes]:
+        from srcore.upscale import Cancelled
+
+        self.admission.start(job)
         began = time.monotonic()
         done = False
         try:
-            out = engine.run(job, admission, images, alpha, tile)
+            out = self.engine.run(job, self.admission, images, alpha, tile)
             done = True
             return out
         except Cancelled:
-            admission.count("cancelled")
+            self.admission.count("cancelled")
             raise
         finally:
-            admission.leave(job, time.monotonic() - began if done else None)
+            self.admission.leave(job, time.monotonic() - began if done else None)
 
-    async def read_body(request: Request) -> bytes:
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.options.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > options.max_body_bytes:
-            raise Rejected(413, "REQUEST_LIMIT_EXCEEDED", _too_big(int(declared), options))
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise Rejected(413, "REQUEST_LIMIT_EXCEEDED", _too_big(int(declared), self.options))
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > options.max_body_bytes:
-                raise Rejected(413, "REQUEST_LIMIT_EXCEEDED", _too_big(size, options))
+            if size > limit:
+                raise Rejected(413, "REQUEST_LIMIT_EXCEEDED", _too_big(size, self.options))
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def wait_for(request: Request, job: Job, future: asyncio.Future[Any]) -> Any:
+    async def _wait_for(self, request: Request, job: Job, future: asyncio.Future[Any]) -> Any:
         """The result, or Rejected(504) at the deadline, or None when the client left; in
         both cases the job's flag is set, so its slot stops at the next tile."""
         while True:
@@ -442,75 +505,33 @@ def build_app(engine: Engine, options: ServerOptions) -> Any:
                 return future.result()
             if await request.is_disconnected():
                 job.stop("the client disconnected")
-                admission.count("client_gone")
+                self.admission.count("client_gone")
                 return None
             if time.monotonic() >= job.deadline:
                 job.stop("the deadline passed")
-                admission.count("timed_out")
+                self.admission.count("timed_out")
                 raise Rejected(504, "DEADLINE_EXCEEDED",
-                               f"not done within {options.timeout_s:g} s (srgan serve "
+                               f"not done within {self.options.timeout_s:g} s (srgan serve "
                                "--timeout); its work was stopped")
 
-    @app.post("/invocations")
-    async def invocations(request: Request) -> Response:
-        from srcore.data.images import ImageError
-        from srcore.serving import request_params
 
-        job = Job(deadline=time.monotonic() + options.timeout_s)
-        if not admission.admit(job):
-            wait = admission.retry_after()
-            state = admission.snapshot()
-            return error(Rejected(
-                503, "TEMPORARILY_UNAVAILABLE",
-                f"busy: {state['running']} computing, {state['waiting']} waiting (srgan serve "
-                f"--slots {options.slots} --queue {options.queue}); retry after {wait} s",
-                {"Retry-After": str(wait)}))
-        handed_over = False
-        try:
-            content_type = request.headers.get("content-type", "application/json")
-            if not content_type.startswith("application/json"):
-                raise Rejected(415, "BAD_REQUEST", f"Content-Type {content_type!r}: send "
-                               "application/json")
-            body = await read_body(request)
-            images, params = parse_request(body)
-            del body
-            try:
-                alpha, tile = request_params(params)
-            except ValueError as err:
-                raise Rejected(400, "INVALID_PARAMETER_VALUE", str(err)) from None
-            tile = options.tile if tile == 0 else min(tile, options.tile)
-            loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(executor, compute, job, images, alpha, tile)
-            future.add_done_callback(_retrieve)  # a stopped job's Cancelled is expected
-            handed_over = True
-            del images
-            result = await wait_for(request, job, future)
-            if result is None:
-                return Response(status_code=499)  # nobody reads it
-            admission.count("completed")
-            return StreamingResponse(predictions_body(result), media_type="application/json")
-        except Rejected as err:
-            if err.status != 504:
-                admission.count("failed")
-            return error(err)
-        except ClientDisconnect:
-            admission.count("client_gone")
-            return Response(status_code=499)
-        except (ImageError, MissingSRResNet) as err:
-            admission.count("failed")
-            return error(Rejected(400, "INVALID_PARAMETER_VALUE", str(err)))
-        except NonFiniteOutput as err:
-            admission.count("failed")
-            return error(Rejected(500, "INTERNAL_ERROR", f"{engine.source}: {err}"))
-        except Cancelled:  # stopped for shutdown
-            admission.count("failed")
-            return error(Rejected(503, "TEMPORARILY_UNAVAILABLE", "the server is stopping"))
-        except Exception as err:  # noqa: BLE001 - out of memory, a bug: one line, not a crash
-            admission.count("failed")
-            return error(Rejected(500, "INTERNAL_ERROR", f"{type(err).__name__}: {err}"))
-        finally:
-            if not handed_over:
-                admission.leave(job)
+def _error(err: Rejected) -> Response:
+    return JSONResponse({"error_code": err.code, "message": str(err)},
+                        status_code=err.status, headers=err.headers)
+
+
+def build_app(engine: Engine, options: ServerOptions) -> Any:
+    """The FastAPI app over one Engine: admission, the scoring protocol, the counters."""
+    scoring = _Scoring(engine, options)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        yield
+        scoring.close()
+
+    app = FastAPI(title="srgan serve", lifespan=lifespan)
+    app.state.admission = scoring.admission
+    app.add_api_route("/invocations", scoring, methods=["POST"])
 
     @app.get("/ping")
     async def ping() -> Response:
@@ -534,7 +555,7 @@ def build_app(engine: Engine, options: ServerOptions) -> Any:
 
     @app.get("/stats")
     async def stats() -> Response:
-        return JSONResponse({**admission.snapshot(), "peak_rss_bytes": peak_rss_bytes(),
+        return JSONResponse({**scoring.admission.snapshot(), "peak_rss_bytes": peak_rss_bytes(),
                              "memory_bound_bytes": engine.memory_bound(),
                              "blends_made": engine.generators.blends_made})
 
