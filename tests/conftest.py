@@ -67,6 +67,7 @@ def tiny_params_dict(**sections: dict[str, Any]) -> dict[str, Any]:
     params["finetune"]["d_channels"] = 8
     params["runtime"].update(device="cpu", num_workers=0)
     params["evaluate"]["grid_images"] = 1
+    params["prepare"]["min_hr_side"] = 32  # the tiny hr_crop
     for key, value in sections.items():
         if isinstance(value, dict):
             params[key].update(value)
@@ -98,18 +99,26 @@ def make_images(folder: Path, count: int, size: tuple[int, int] = (64, 48), seed
 
 
 def make_prepared_sets(root: Path) -> Path:
-    """root/prepared/{train/tr,val/va,test/te}/{HR,LR} with manifests, as `srgan prepare`
-    lays them out: smooth random images and their MATLAB-bicubic x4 LR."""
+    """root/prepared/{train/tr,val/va,test/te} with manifests, as `srgan prepare` lays them
+    out (train as shards + index, the others as {HR,LR} PNG pairs): smooth random images and
+    their MATLAB-bicubic x4 LR."""
     from srcore.data.degrade import bicubic_lr
     from srcore.data.images import load_image, save_png
     from srcore.data.manifest import write_manifest
+    from srcore.data.shards import write_set
 
     # The val image is just large enough for NIQE (two 96x96 blocks after a 4-pixel crop).
     for split, name, count, size, seed in (("train", "tr", 3, (64, 64), 0),
                                            ("val", "va", 1, (200, 104), 2),
                                            ("test", "te", 1, (48, 40), 1)):
         folder = root / "prepared" / split / name
-        for path in make_images(root / "raw" / name, count, size=size, seed=seed):
+        paths = make_images(root / "raw" / name, count, size=size, seed=seed)
+        if split == "train":
+            write_set(root / "raw" / name, folder, root / "work", scale=4, sigma=None,
+                      min_hr_side=32, shard_mb=0.02, name=name, processes=1,
+                      progress=False)
+            paths = []
+        for path in paths:
             hr = load_image(path)
             save_png(hr, folder / "HR" / path.name)
             save_png(bicubic_lr(hr, 4), folder / "LR" / path.name)

@@ -15,10 +15,11 @@ from PIL import Image
 
 from srcore import config, layout
 from srcore.cli import main
-from srcore.data.datasets import load_pairs, verify_prepared
+from srcore.data.datasets import load_pairs, open_train_set, verify_prepared
 from srcore.data.degrade import bicubic_lr
 from srcore.data.images import ImageError
 from srcore.data.manifest import ManifestError, SharedImageError
+from srcore.data.shards import ShardSet
 from srcore.stages.check_data import MissingDataError
 from srcore.stages.prepare import prepare
 from tests.conftest import make_images, make_prepared_sets, tiny_params_dict, write_params
@@ -45,28 +46,38 @@ def _tree(folder: Path) -> dict[str, bytes]:
 
 def test_pairs_are_cropped_bicubic_and_listed_in_a_manifest(tmp_path: Path) -> None:
     out = tmp_path / "prepared"
-    counts = prepare(_params(), _data(tmp_path), out)
+    data = _data(tmp_path)
+    make_images(data / "v", 1, size=(51, 66), seed=3)  # val/test: PNG pairs, as before
+    counts = prepare(_params(), data, out)
     assert counts == {"a": 2, "v": 1, "b": 1}
     assert sorted(p.name for p in out.iterdir()) == ["test", "train", "val"]
-    hr = np.asarray(Image.open(out / "train" / "a" / "HR" / "img01.png"))
-    lr = np.asarray(Image.open(out / "train" / "a" / "LR" / "img01.png"))
-    assert hr.shape == (48, 64, 3) and lr.shape == (12, 16, 3)  # 51x66 cropped to x4
+    hr = np.asarray(Image.open(out / "val" / "v" / "HR" / "img00.png"))
+    lr = np.asarray(Image.open(out / "val" / "v" / "LR" / "img00.png"))
+    assert hr.shape == (64, 48, 3) and lr.shape == (16, 12, 3)  # 51x66 cropped to x4
     np.testing.assert_array_equal(lr, bicubic_lr(hr, 4))
-    grey = np.asarray(Image.open(out / "train" / "a" / "HR" / "img00.png"))
-    assert grey.ndim == 2  # grey stays grey for the field's evaluation
+    # Training sets are shards + index: the same crop and LR, grey kept as one channel.
+    train = ShardSet(out / "train" / "a", 4)
+    assert [r.name for r in train.records] == ["img00.png", "img01.png"]
+    hr, lr = train.image(1)
+    assert hr.shape == (48, 64, 3) and lr.shape == (12, 16, 3)  # 66x51 cropped to x4
+    np.testing.assert_array_equal(lr, bicubic_lr(hr, 4))
+    grey, _ = train.image(0)
+    assert grey.shape == (48, 64, 1)  # grey stays grey (expanded to RGB per crop)
     manifest = json.loads((out / "train" / "a" / "manifest.json").read_text())
     assert manifest["set"] == "a" and manifest["split"] == "train" and manifest["scale"] == 4
-    assert sorted(manifest["files"]) == ["HR/img00.png", "HR/img01.png", "LR/img00.png",
-                                         "LR/img01.png"]
+    assert sorted(manifest["files"]) == ["index.json", "shards/shard-00000.bin"]
+    manifest = json.loads((out / "val" / "v" / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == ["HR/img00.png", "LR/img00.png"]
     # Folders get a plain mkdir's permissions, not mkdtemp's 0700.
     umask = os.umask(0)
     os.umask(umask)
-    for folder in (out, out / "train", out / "train" / "a" / "HR"):
+    for folder in (out, out / "train", out / "val" / "v" / "HR", out / "train" / "a" / "shards"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
     # The same inputs give the same bytes (DVC and git see no change).
     before = _tree(out)
     prepare(_params(), tmp_path / "data", out)
     assert _tree(out) == before
+    assert not (out / ".work").exists()
 
 
 def test_one_split_is_rebuilt_alone(tmp_path: Path) -> None:
@@ -156,22 +167,33 @@ def test_readers_refuse_a_removed_altered_or_added_file(tmp_path: Path) -> None:
     data = config.parse(tiny_params_dict(data={"train": ["tr"], "val": ["va"],
                                                "test": ["te"]})).data
     verify_prepared(prepared, data, ("train", "val", "test"))
-    assert len(load_pairs(prepared / "train", "tr", 4)) == 3
+    assert len(open_train_set(prepared / "train", "tr", 4)) == 3
     assert len(load_pairs(prepared, "va", 4)) == 1  # found in its split folder
-    hr = prepared / "train" / "tr" / "HR" / "img01.png"
+    hr = prepared / "val" / "va" / "HR" / "img00.png"
     saved = hr.read_bytes()
     hr.unlink()
-    for call in (lambda: verify_prepared(prepared, data, ("train",)),
-                 lambda: load_pairs(prepared / "train", "tr", 4)):
-        with pytest.raises(ManifestError, match=r"img01\.png: missing.*dvc checkout.*srgan prep"):
+    for call in (lambda: verify_prepared(prepared, data, ("val",)),
+                 lambda: load_pairs(prepared / "val", "va", 4)):
+        with pytest.raises(ManifestError, match=r"img00\.png: missing.*dvc checkout.*srgan prep"):
             call()
     hr.write_bytes(saved[:-1] + b"\0")
-    with pytest.raises(ManifestError, match=r"img01\.png: altered"):
-        verify_prepared(prepared, data, ("train",))
+    with pytest.raises(ManifestError, match=r"img00\.png: altered"):
+        verify_prepared(prepared, data, ("val",))
     hr.write_bytes(saved)
     shutil.copyfile(hr, hr.with_name("extra.png"))
     with pytest.raises(ManifestError, match=r"extra\.png: not in"):
-        verify_prepared(prepared, data, ("train",))
+        verify_prepared(prepared, data, ("val",))
+    # A training shard is checked the same way, before any crop is read from it.
+    shard = prepared / "train" / "tr" / "shards" / "shard-00001.bin"
+    saved = shard.read_bytes()
+    shard.write_bytes(saved[:-1] + bytes([saved[-1] ^ 1]))
+    for call in (lambda: verify_prepared(prepared, data, ("train",)),
+                 lambda: open_train_set(prepared / "train", "tr", 4)):
+        with pytest.raises(ManifestError, match=r"shard-00001\.bin: altered"):
+            call()
+    shard.unlink()
+    with pytest.raises(ManifestError, match=r"shard-00001\.bin: missing"):
+        open_train_set(prepared / "train", "tr", 4)
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "finetune", "evaluate"])
@@ -184,9 +206,8 @@ def test_stages_stop_on_a_missing_file_before_any_work(
     (tmp_path / "models").mkdir()
     for name in ("srresnet", "srgan"):
         (tmp_path / "models" / f"{name}.pt").write_bytes(b"not read: the check comes first")
-    split = "test" if stage == "evaluate" else "train"
-    name = "te" if stage == "evaluate" else "tr"
-    gone = tmp_path / "prepared" / split / name / "LR" / "img00.png"
+    gone = (tmp_path / "prepared" / "test" / "te" / "LR" / "img00.png" if stage == "evaluate"
+            else tmp_path / "prepared" / "train" / "tr" / "shards" / "shard-00000.bin")
     gone.unlink()
     store = Path(mlflow_store.removeprefix("sqlite:///"))
     before = store.read_bytes()

@@ -1,14 +1,16 @@
 """Training batches of aligned random crops, and whole-image pairs for evaluation.
 
-Prepared sets live in prepared/<split>/<set>/{HR,LR} with a manifest.json; every reader checks
-the set against its manifest before decoding it (srcore.data.manifest).
+Prepared validation and test sets live in prepared/<split>/<set>/{HR,LR} with a manifest.json;
+training sets in prepared/train/<set>/ as shards + index.json (srcore.data.shards), read crop
+by crop. Every reader checks the set against its manifest first (srcore.data.manifest).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -17,6 +19,7 @@ from torch.utils.data import Dataset
 from srcore.config import DataConfig
 from srcore.data.images import ImageError, list_images, load_image, to_rgb
 from srcore.data.manifest import MANIFEST, ManifestError, verify_set
+from srcore.data.shards import INDEX, ShardFormatError, ShardSet
 from srcore.layout import SPLITS
 
 
@@ -28,7 +31,8 @@ class Pair:
 
 
 def _is_set(folder: Path) -> bool:
-    return (folder / MANIFEST).is_file() or (folder / "HR").is_dir()
+    return (folder / MANIFEST).is_file() or (folder / "HR").is_dir() \
+        or (folder / INDEX).is_file()
 
 
 def find_set(prepared: Path, set_name: str) -> Path:
@@ -88,12 +92,93 @@ def load_pairs(prepared: Path, set_name: str, scale: int | None = None) -> list[
     return pairs
 
 
+def open_train_set(prepared: Path, set_name: str, scale: int | None = None) -> ShardSet:
+    """A prepared training set (shards + index) once it matches its manifest; nothing is
+    decoded or read into memory beyond the index."""
+    set_dir = find_set(prepared, set_name)
+    verify_set(set_dir)
+    if not (set_dir / INDEX).is_file() and (set_dir / "HR").is_dir():
+        raise ShardFormatError(f"{set_dir}: a training set in the PNG-pair format of earlier "
+                               "versions; run `srgan prepare --split train` (or `dvc repro`) "
+                               "to write it as shards")
+    return ShardSet(set_dir, scale)
+
+
+class CropSource(Protocol):
+    """Images a crop can be read from: decoded pairs in memory or a set of shards."""
+
+    scale: int
+
+    def __len__(self) -> int: ...
+
+    def lr_size(self, k: int) -> tuple[int, int]: ...
+
+    def hr_crop(self, k: int, y: int, x: int, c: int) -> np.ndarray: ...
+
+    def lr_crop(self, k: int, y: int, x: int, c: int) -> np.ndarray: ...
+
+
+class MemoryImages:
+    """Decoded pairs as a CropSource (tests, tools, small sets)."""
+
+    def __init__(self, pairs: Sequence[Pair], scale: int) -> None:
+        for p in pairs:
+            if p.hr.shape[:2] != (p.lr.shape[0] * scale, p.lr.shape[1] * scale):
+                raise ImageError(f"{p.name}: HR {p.hr.shape[:2]} is not LR {p.lr.shape[:2]} x "
+                                 f"{scale}; crops would be misaligned (run `srgan prepare`)")
+        self.hr = [to_rgb(p.hr) for p in pairs]
+        self.lr = [to_rgb(p.lr) for p in pairs]
+        self.scale = scale
+
+    def __len__(self) -> int:
+        return len(self.lr)
+
+    def lr_size(self, k: int) -> tuple[int, int]:
+        return self.lr[k].shape[0], self.lr[k].shape[1]
+
+    def hr_crop(self, k: int, y: int, x: int, c: int) -> np.ndarray:
+        s = self.scale
+        return self.hr[k][y * s:(y + c) * s, x * s:(x + c) * s]
+
+    def lr_crop(self, k: int, y: int, x: int, c: int) -> np.ndarray:
+        return self.lr[k][y:y + c, x:x + c]
+
+
+class Concat:
+    """Several CropSources (the sets of data.train) as one, in order."""
+
+    def __init__(self, sources: Sequence[CropSource], scale: int) -> None:
+        for src in sources:
+            if src.scale != scale:
+                raise ImageError(f"a training set was prepared for scale {src.scale}, not "
+                                 f"{scale}; run `srgan prepare --split train`")
+        self.scale = scale
+        self.where = [(src, k) for src in sources for k in range(len(src))]
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def lr_size(self, k: int) -> tuple[int, int]:
+        src, j = self.where[k]
+        return src.lr_size(j)
+
+    def hr_crop(self, k: int, y: int, x: int, c: int) -> np.ndarray:
+        src, j = self.where[k]
+        return src.hr_crop(j, y, x, c)
+
+    def lr_crop(self, k: int, y: int, x: int, c: int) -> np.ndarray:
+        src, j = self.where[k]
+        return src.lr_crop(j, y, x, c)
+
+
 class RandomCropBatches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Item i is the whole mini-batch of iteration i, drawn from a generator seeded by (seed, i).
 
     Making a batch a pure function of its iteration number means resuming after a kill sees
     exactly the batches an uninterrupted run would, with any number of loader workers and no
-    sampler state to checkpoint. Decoded images are kept in memory (the loader's cache).
+    sampler state to checkpoint. `images` is a CropSource: a training set's shards (each crop
+    reads only its rows; nothing is decoded or kept in memory) or, for tests and tools,
+    decoded pairs. Both give the same batches for the same images.
 
     `part` = (rank, world size): item i is then that process's contiguous slice of iteration
     i's global batch of `batch_size` crops. Every process draws the whole batch's random
@@ -108,8 +193,8 @@ class RandomCropBatches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     REDRAWS = 10
 
-    def __init__(self, pairs: list[Pair], batch_size: int, hr_crop: int, scale: int,
-                 seed: int, augment: bool, sampling: str = "pixel",
+    def __init__(self, images: CropSource | Sequence[Pair], batch_size: int, hr_crop: int,
+                 scale: int, seed: int, augment: bool, sampling: str = "pixel",
                  part: tuple[int, int] = (0, 1), min_std: float = 0.0) -> None:
         if hr_crop % scale:
             raise ValueError(f"hr_crop {hr_crop} is not a multiple of scale {scale}")
@@ -120,20 +205,22 @@ class RandomCropBatches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self.local = batch_size // world
         self.first = rank * self.local
         self.lr_crop = hr_crop // scale
-        for p in pairs:
-            if p.hr.shape[:2] != (p.lr.shape[0] * scale, p.lr.shape[1] * scale):
-                raise ImageError(f"{p.name}: HR {p.hr.shape[:2]} is not LR {p.lr.shape[:2]} x "
-                                 f"{scale}; crops would be misaligned (run `srgan prepare`)")
-        usable = [p for p in pairs if min(p.lr.shape[:2]) >= self.lr_crop]
-        if not usable:
+        if isinstance(images, Sequence):
+            images = MemoryImages(images, scale)
+        elif images.scale != scale:
+            raise ImageError(f"training images prepared for scale {images.scale}, not {scale}; "
+                             "run `srgan prepare --split train`")
+        self.images = images
+        sizes = [images.lr_size(k) for k in range(len(images))]
+        self.keys = [k for k, (h, w) in enumerate(sizes) if min(h, w) >= self.lr_crop]
+        if not self.keys:
             raise ImageError(f"no training image has an LR side of at least {self.lr_crop} px "
                              f"(hr_crop {hr_crop}); lower pretrain.hr_crop or add images")
-        self.hr = [to_rgb(p.hr) for p in usable]
-        self.lr = [to_rgb(p.lr) for p in usable]
+        self.sizes = [sizes[k] for k in self.keys]
         if sampling == "pixel":  # every pixel equally likely: big images dominate
-            areas = np.array([lr.shape[0] * lr.shape[1] for lr in self.lr], dtype=np.float64)
+            areas = np.array([h * w for h, w in self.sizes], dtype=np.float64)
         elif sampling == "image":  # every image equally likely, as BasicSR's loaders do
-            areas = np.ones(len(self.lr))
+            areas = np.ones(len(self.sizes))
         else:
             raise ValueError(f"sampling must be 'pixel' or 'image', got {sampling!r}")
         self.weights = areas / areas.sum()
@@ -144,35 +231,41 @@ class RandomCropBatches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __len__(self) -> int:
         return self.length
 
-    def _place(self, rng: np.random.Generator, k: int) -> tuple[int, int, int]:
-        """(image, y, x) of one crop in LR pixels; redraws flat crops when min_std is set."""
-        c, s = self.lr_crop, self.scale
+    def _place(self, rng: np.random.Generator,
+               k: int) -> tuple[int, int, int, np.ndarray | None]:
+        """(image, y, x) of one crop in LR pixels, and its HR pixels when they were read to
+        check them; redraws flat crops when min_std is set."""
+        c = self.lr_crop
+        hr = None
         for attempt in range(self.REDRAWS + 1):
             if attempt:
-                k = int(rng.choice(len(self.lr), p=self.weights))
-            lr = self.lr[k]
-            y = int(rng.integers(0, lr.shape[0] - c + 1))
-            x = int(rng.integers(0, lr.shape[1] - c + 1))
-            if not self.min_std or self.hr[k][y * s:(y + c) * s, x * s:(x + c) * s].std() \
-                    >= self.min_std:
+                k = int(rng.choice(len(self.sizes), p=self.weights))
+            h, w = self.sizes[k]
+            y = int(rng.integers(0, h - c + 1))
+            x = int(rng.integers(0, w - c + 1))
+            if not self.min_std:
                 break
-        return k, y, x
+            hr = self.images.hr_crop(self.keys[k], y, x, c)
+            if hr.std() >= self.min_std:
+                break
+        return k, y, x, hr
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, index])
         c, s = self.lr_crop, self.scale
         lrs = np.empty((self.local, c, c, 3), np.uint8)
         hrs = np.empty((self.local, c * s, c * s, 3), np.uint8)
-        picks = rng.choice(len(self.lr), size=self.batch_size, p=self.weights)
+        picks = rng.choice(len(self.sizes), size=self.batch_size, p=self.weights)
         for b, k in enumerate(picks):
-            k, y, x = self._place(rng, int(k))
-            lr, hr = self.lr[k], self.hr[k]
+            k, y, x, hr_crop = self._place(rng, int(k))
             flip, rot = (rng.integers(0, 2), int(rng.integers(0, 4))) if self.augment else (0, 0)
             slot = b - self.first
             if not 0 <= slot < self.local:
                 continue  # another process's crop: its random numbers are drawn all the same
-            lr_crop = lr[y:y + c, x:x + c]
-            hr_crop = hr[y * s:(y + c) * s, x * s:(x + c) * s]
+            key = self.keys[k]
+            lr_crop = self.images.lr_crop(key, y, x, c)
+            if hr_crop is None:
+                hr_crop = self.images.hr_crop(key, y, x, c)
             if flip:
                 lr_crop, hr_crop = lr_crop[:, ::-1], hr_crop[:, ::-1]
             lrs[slot], hrs[slot] = np.rot90(lr_crop, rot), np.rot90(hr_crop, rot)

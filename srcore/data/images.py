@@ -20,6 +20,17 @@ def list_images(folder: Path) -> list[Path]:
                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def list_images_tree(folder: Path) -> list[Path]:
+    """Every image under `folder`, at any depth (ImageNet's class folders), sorted by path;
+    hidden files and folders (.git, .DS_Store, editors' temporaries) are left out."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / f for f in filenames
+                     if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
 def load_image(path: Path) -> np.ndarray:
     """Decode as uint8 HxWx3 (RGB) or HxW (grey), converting what can be converted.
 

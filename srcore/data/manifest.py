@@ -17,7 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from srcore.data.images import IMAGE_SUFFIXES, ImageError, list_images, load_image, to_rgb
+from srcore.data.images import (
+    IMAGE_SUFFIXES,
+    ImageError,
+    list_images_tree,
+    load_image,
+    to_rgb,
+)
 
 MANIFEST = "manifest.json"
 #: Fixes for a prepared/ that no longer matches what prepare wrote.
@@ -54,8 +60,9 @@ def pixel_digest(image: np.ndarray) -> str:
 
 
 def raw_files(folder: Path) -> dict[str, str]:
-    """file name -> sha256 of the images in one data/<set> folder."""
-    return {p.name: sha256_file(p) for p in list_images(folder)}
+    """path (relative to the folder, posix) -> sha256 of the images in one data/<set> folder,
+    at any depth (a training set may be a tree of class folders)."""
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in list_images_tree(folder)}
 
 
 @dataclass(frozen=True)

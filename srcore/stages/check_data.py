@@ -9,7 +9,7 @@ remote). Its output, .srgan/data-check.json, is what hash-data depends on first.
 from __future__ import annotations
 
 from srcore.config import Params
-from srcore.data.images import list_images
+from srcore.data.images import list_images_tree
 from srcore.layout import Layout, write_json
 
 #: params.yaml keys whose values change this stage's result (dvc.yaml's params).
@@ -28,12 +28,12 @@ def run(params: Params, layout: Layout) -> None:
     found = {}
     for spec in sets:
         folder = layout.data / spec.name
-        if not folder.is_dir() or not list_images(folder):
+        if not folder.is_dir() or not list_images_tree(folder):
             raise MissingDataError(
                 f"{folder}: dataset '{spec.name}' is not in data/; run `srgan download` "
                 "(or `dvc pull` when this clone's data.dvc has a reachable remote)"
             )
-        found[spec.name] = len(list_images(folder))
+        found[spec.name] = len(list_images_tree(folder))
     # 4. outputs: .srgan/data-check.json
     write_json(layout.data_check, {"sets": sorted(found)})
     print("data/ holds " + ", ".join(f"{k} ({v} images)" for k, v in found.items()))

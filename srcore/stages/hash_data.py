@@ -10,7 +10,7 @@ val and test, that hold the same image (same decoded pixels).
 from __future__ import annotations
 
 from srcore.config import SPLITS, Params
-from srcore.data.images import list_images
+from srcore.data.images import list_images_tree
 from srcore.data.manifest import PixelCache, raw_files, refuse_shared_images
 from srcore.layout import Layout, write_json
 from srcore.stages.check_data import MissingDataError
@@ -28,7 +28,7 @@ def run(params: Params, layout: Layout) -> None:
     for names in splits.values():
         for name in names:
             folder = layout.data / name
-            if not folder.is_dir() or not list_images(folder):
+            if not folder.is_dir() or not list_images_tree(folder):
                 raise MissingDataError(f"{folder}: dataset '{name}' is not in data/; run "
                                        "`srgan download` (or `dvc pull`)")
             files[name] = raw_files(folder)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from srcore.config import FinetuneConfig, Params, PretrainConfig
-from srcore.data.datasets import Pair, RandomCropBatches, load_pairs
+from srcore.data.datasets import Concat, CropSource, Pair, RandomCropBatches, open_train_set
 from srcore.layout import Layout
 from srcore.models.srresnet import SRResNet
 from srcore.training import distributed, guard
@@ -84,19 +84,19 @@ def final_generator(state: LoopState, generator: nn.Module) -> SRResNet:
 # ----------------------------------------------------------------------------- batches
 
 
-def train_pairs(params: Params, layout: Layout) -> list[Pair]:
-    pairs: list[Pair] = []
-    for spec in params.data.train:
-        pairs.extend(load_pairs(layout.prepared_split("train"), spec.name, params.scale))
-    return pairs
+def train_images(params: Params, layout: Layout) -> CropSource:
+    """The training sets, read crop by crop from their shards (nothing decoded up front)."""
+    return Concat([open_train_set(layout.prepared_split("train"), spec.name, params.scale)
+                   for spec in params.data.train], params.scale)
 
 
-def batches(params: Params, cfg: PretrainConfig | FinetuneConfig, pairs: list[Pair],
-            start: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(params: Params, cfg: PretrainConfig | FinetuneConfig,
+            images: CropSource | list[Pair], start: int,
+            device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of iterations start+1 .. cfg.iterations (item i is iteration i+1's batch);
     under a process group, this process's slice of each global batch."""
     world = distributed.current()
-    dataset = RandomCropBatches(pairs, cfg.batch_size, cfg.hr_crop, params.scale,
+    dataset = RandomCropBatches(images, cfg.batch_size, cfg.hr_crop, params.scale,
                                 params.seed, cfg.augment, cfg.sampling,
                                 part=(world.rank, world.size), min_std=cfg.min_crop_std)
     workers = params.runtime.num_workers
@@ -129,14 +129,14 @@ def run_loop(stage: str, params: Params, layout: Layout, tracker: LoopTracker,
     used = precision(params, device).name
     start = _resume(stage, state, ckpt_path, fp, init_digest, used, tracker)
     val = validation_pairs(params, layout) if main else []
-    pairs = train_pairs(params, layout)
+    images = train_images(params, layout)
     last: dict[str, float] = {}
     first_opt = next(iter(state.optimizers.values()))
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.iterations, initial=start, desc=stage, unit="it", dynamic_ncols=True,
                disable=not main)
     it = start
-    for it, (lr, hr) in enumerate(batches(params, cfg, pairs, start, device), start=start + 1):
+    for it, (lr, hr) in enumerate(batches(params, cfg, images, start, device), start=start + 1):
         losses = distributed.average(step_fn(lr, hr))
         guard.check_values(stage, it, losses, params)  # before the sums: a NaN is never logged
         for k, v in losses.items():
