@@ -51,7 +51,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def cmd_report(args: argparse.Namespace) -> None:
     from srcore import report
 
-    print(report.report(Layout(Path(args.root).resolve()).metrics / "evaluate.json"))
+    root = Path(args.root).resolve()
+    print(report.report(Layout(root).metrics / "evaluate.json", ratings_root=root))
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -88,6 +89,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
         slots=args.slots, queue=args.queue, timeout_s=args.timeout, tile=args.tile,
         overlap=args.overlap, max_pixels=args.max_pixels, max_body_bytes=args.max_body_bytes,
         device=args.device, precision=args.precision, channels_last=args.channels_last))
+
+
+def cmd_rate(args: argparse.Namespace) -> int:
+    from srcore.rating.app import RateOptions, rate_command
+
+    root = Path(args.root).resolve()
+    return rate_command(config.load(args.params), RateOptions(
+        root=root, params_path=Path(args.params), sets=args.set, models=args.model,
+        raters=args.rater, host=args.host, port=args.port, dvc=not args.no_dvc))
+
+
+def cmd_mos(args: argparse.Namespace) -> None:
+    from srcore.rating import mos
+
+    root = Path(args.root).resolve()
+    found = mos.compute(root)
+    if found is None:
+        raise UserError(f"{mos.ratings_path(root)}: no ratings yet; run `srgan rate` and "
+                        "score some images (or `dvc pull ratings.dvc`)")
+    summary, agreement, methods = found
+    print(mos.table(summary, agreement))
+    from srcore import tracking
+
+    uri = tracking.tracking_uri()
+    if uri == tracking.DEFAULT_URI and not (root / "mlflow.db").is_file():
+        print("(not tagged in the registry: no mlflow.db here)", file=sys.stderr)
+        return
+    tagged = tracking.tag_mos(mos.versions_of(summary, methods))
+    if tagged:
+        print(f"tagged {', '.join(tagged)} with metric.<set>.mos "
+              "(see `srgan models compare`)", file=sys.stderr)
 
 
 def cmd_study(args: argparse.Namespace) -> None:
@@ -173,7 +205,36 @@ def build_parser() -> argparse.ArgumentParser:
                            help="why (recorded on the version with who and when)")
     _add_study_parser(sub)
     _add_upscale_parser(sub)
+    _add_rating_parsers(sub)
     return parser
+
+
+def _add_rating_parsers(sub: Any) -> None:
+    text = ("Serve the blind mean-opinion-score page (the paper's MOS test): each rater "
+            "calibrates on validation images (nearest-neighbour shown as 1, HR as 5), then "
+            "scores every version (nearest, bicubic, SRResNet, SRGAN, HR and each --model) of "
+            "every image of the chosen sets from 1 to 5, one at a time, in an order shuffled "
+            "per rater, without labels. Each --rater NAME gets a personal link (printed once). "
+            "Every score is committed when given; on Ctrl-C ratings/ is versioned with DVC "
+            "(`dvc add ratings`, pushed to the default remote).")
+    p = sub.add_parser("rate", help="the blind mean-opinion-score page for human raters",
+                       description=text)
+    p.add_argument("--set", action="append", default=[], metavar="NAME",
+                   help="a validation or test set to rate (repeatable; default: data.test)")
+    p.add_argument("--model", action="append", default=[], metavar="URI",
+                   help="also rate a registered version, models:/NAME@ALIAS or "
+                        "models:/NAME/VERSION (repeatable)")
+    p.add_argument("--rater", action="append", default=[], metavar="NAME",
+                   help="add a rater and print their link (repeatable)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address; another than 127.0.0.1 lets colleagues in, each through "
+                        "their own link (default: %(default)s)")
+    p.add_argument("--port", type=_positive, default=8100, help="port (default: %(default)s)")
+    p.add_argument("--no-dvc", action="store_true",
+                   help="do not `dvc add ratings` and push when stopped")
+    sub.add_parser("mos", help="mean opinion scores from ratings/ per set and method, with a "
+                   "rater-clustered 95%% interval and test-retest agreement; tags the rated "
+                   "registered versions (`srgan models compare` shows them)")
 
 
 def _add_study_parser(sub: Any) -> None:
@@ -391,9 +452,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_upscale(args)
         if args.command == "serve":
             return cmd_serve(args)
-        if args.command in ("params", "report", "models", "study"):
+        if args.command == "rate":
+            return cmd_rate(args)
+        if args.command in ("params", "report", "models", "study", "mos"):
             {"params": cmd_params_apply, "report": cmd_report, "models": cmd_models,
-             "study": cmd_study}[args.command](args)
+             "study": cmd_study, "mos": cmd_mos}[args.command](args)
             return 0
         options = ({"no_dvc": args.no_dvc} if args.command == "download"
                    else {"split": args.split} if args.command == "prepare" else {})

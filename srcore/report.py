@@ -34,6 +34,21 @@ PAPER_TABLE2: dict[str, dict[str, PaperRow]] = {
                "srresnet": PaperRow(27.58, 0.7620, 2.29), "srgan": PaperRow(25.16, 0.6688, 3.56)},
 }
 
+#: Table 2's MOS of the two methods PAPER_TABLE2 leaves out, nearest neighbour and the
+#: original HR (26 raters, as the rest of the MOS column).
+PAPER_MOS_MORE: dict[str, dict[str, float]] = {
+    "set5": {"nearest": 1.28, "hr": 4.32},
+    "set14": {"nearest": 1.20, "hr": 4.32},
+    "bsd100": {"nearest": 1.11, "hr": 4.46},
+}
+
+
+def paper_mos(set_name: str, method: str) -> float | None:
+    """Table 2's MOS for a set and method (nearest, bicubic, srresnet, srgan, hr)."""
+    row = paper_row(set_name, method)
+    return row.mos if row else PAPER_MOS_MORE.get(set_name.lower(), {}).get(method)
+
+
 #: Published no-reference figures for SRGAN-class models on the paper's sets, lower is better:
 #: the perceptual index PI = ((10 - Ma) + NIQE) / 2 of the PIRM 2018 challenge (MATLAB, Y,
 #: 4-pixel crop). PI is not NIQE (it adds Ma's score), so it stands beside our NIQE to place
@@ -163,8 +178,37 @@ def load_summary(path: Path) -> Summary:
     return json.loads(path.read_text())
 
 
-def report(metrics_path: Path) -> str:
-    """What `srgan report` prints: ours beside Table 2, and what the columns mean."""
+def mos_report(ratings_root: Path) -> str | None:
+    """Our mean opinion scores (ratings/, srcore.rating.mos) beside the paper's, per set and
+    method; None when nobody has rated yet."""
+    from srcore.rating import mos
+
+    found = mos.compute(ratings_root)
+    if found is None:
+        return None
+    summary, agreement, _ = found
+    rows = []
+    for row in summary.itertuples(index=False):
+        paper = paper_mos(row.set, row.method)
+        rows.append({"set": row.set, "method": row.method, "MOS ↑": row.mos,
+                     "95% CI low": row.ci_low, "95% CI high": row.ci_high,
+                     "raters": row.raters, "ratings": row.ratings,
+                     "paper MOS ↑": math.nan if paper is None else paper})
+    text = ("Mean opinion score (our raters, `srgan rate`; 95% interval clustered by rater, "
+            "a t-interval, `srgan mos`) beside the paper's (26 raters):\n\n"
+            + markdown(pd.DataFrame(rows)))
+    if int(agreement["pairs"].iloc[-1]):
+        last = agreement.iloc[-1]
+        text += (f"\n\nTest-retest: {int(last['pairs'])} repeated showing(s), "
+                 f"{last['exact']:.0%} scored identically, {last['within_one']:.0%} within "
+                 f"one point, mean absolute difference {last['mean_abs_diff']:.2f}.")
+    return text
+
+
+def report(metrics_path: Path, ratings_root: Path | None = None) -> str:
+    """What `srgan report` prints: ours beside Table 2, and what the columns mean; with
+    `ratings_root`, our MOS beside the paper's when there are ratings."""
+    mos_text = None if ratings_root is None else mos_report(ratings_root)
     summary = load_summary(metrics_path)
     text = markdown(comparison_frame(summary)) + "\n\n" + (
         "PSNR and SSIM on Y (BT.601) after a border crop. The paper's SSIM is daala's "
@@ -179,4 +223,6 @@ def report(metrics_path: Path) -> str:
                  "BSD100) was evaluated. Add them with `srgan params apply "
                  "configs/shared-benchmarks.yaml` (this workplace's copies) or "
                  "`configs/paper.yaml` (downloads them), then `dvc repro`.")
+    if mos_text:
+        text += "\n\n" + mos_text
     return text

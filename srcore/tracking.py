@@ -347,7 +347,10 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 #: Gate metrics and their direction. NIQE (no-reference naturalness) is where SRGAN wins;
 #: PSNR/SSIM reward blur (the paper's point), so they can only bound SRGAN, not rank it.
-GATE_METRICS = ("psnr_y", "ssim_y", "ssim_daala_y", "niqe")
+GATE_METRICS = ("psnr_y", "ssim_y", "ssim_daala_y", "niqe", "mos")
+#: The mean opinion score (srcore.rating.mos), higher is better, and the number of ratings
+#: behind it: the gate judges by MOS only when every compared version has enough of them.
+MOS_METRIC, MOS_RATINGS = "mos", "mos_ratings"
 #: Metrics where a smaller number is better (everywhere else: larger).
 LOWER_IS_BETTER = frozenset({"niqe", "lpips"})
 #: The model whose champion bounds SRGAN's distortion (tracking.gate_psnr_budget_db).
@@ -378,6 +381,7 @@ class GateDecision:
     champion: str  # the champion after the gate ("" when there is none)
     reason: str
     rule: str = ""  # the GateRule it was judged by, as recorded in the gate_rule tag
+    mos_note: str = ""  # why MOS was or was not the metric (`mos_choice`), tag gate_mos
 
     @property
     def promoted(self) -> bool:
@@ -394,7 +398,8 @@ class GateDecision:
         else:
             head = f"{self.name} v{self.version} is @{CHALLENGER}; there is no @{CHAMPION}"
         rule = f" [rule: {self.rule}]" if self.rule else ""
-        return f"registry gate: {head} ({self.reason}){rule}"
+        note = f" [{self.mos_note}]" if self.mos_note else ""
+        return f"registry gate: {head} ({self.reason}){rule}{note}"
 
 
 def metric_tag(set_name: str, metric: str) -> str:
@@ -438,6 +443,40 @@ def tag_metrics(name: str, version: str, metrics: Mapping[str, Mapping[str, floa
                                     f"{value}; a non-finite metric is never registered")
             client.set_model_version_tag(name, str(version), metric_tag(set_name, metric),
                                          str(round(float(value), 4)))
+
+
+def tag_mos(versions: Mapping[tuple[str, str], Mapping[str, Mapping[str, float]]]) -> list[str]:
+    """Tag each (model, version) with its mean opinion scores per set (metric.<set>.mos,
+    mos_ci_low, mos_ci_high, mos_ratings, mos_raters), skipping non-finite values (no
+    interval with one rater) and versions this registry does not know. Returns what was
+    tagged, as "name vN"."""
+    tagged = []
+    for (name, version), by_set in versions.items():
+        finite = {s: {k: v for k, v in values.items() if math.isfinite(float(v))}
+                  for s, values in by_set.items()}
+        try:
+            tag_metrics(name, version, finite)
+        except RegistryError:
+            continue
+        tagged.append(f"{name} v{version}")
+    return tagged
+
+
+def resolve_version(uri: str) -> tuple[str, str]:
+    """(name, version) of models:/NAME@ALIAS or models:/NAME/VERSION, from the registry."""
+    ref = uri.removeprefix("models:/")
+    if ref == uri or not ref:
+        raise RegistryError(f"{uri}: not a models:/NAME@ALIAS or models:/NAME/VERSION URI")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = aliases(name).get(alias)
+        if version is None:
+            raise RegistryError(f"{uri}: model '{name}' has no alias @{alias} in "
+                                f"{tracking_uri()}; see `srgan models compare`")
+        return name, version
+    name, _, version = ref.partition("/")
+    _version(_registry(), name, version)
+    return name, version
 
 
 @dataclass(frozen=True)
@@ -493,9 +532,34 @@ def _distortion_bounds(client: MlflowClient, name: str, tags: Mapping[str, str],
     return None
 
 
+def mos_choice(name: str, version: str, set_name: str, fallback: str,
+               min_ratings: int) -> tuple[str, str]:
+    """(metric, note): MOS when `version` and the current champion (if any, and not the
+    version itself) each have at least `min_ratings` ratings on `set_name` (their
+    metric.<set>.mos_ratings tags), else `fallback`, the note saying which and why."""
+    client = _registry()
+    compared = [version]
+    champion = aliases(name).get(CHAMPION)
+    if champion is not None and champion != str(version):
+        compared.append(champion)
+    key = metric_tag(set_name, MOS_RATINGS)
+    short = []
+    for v in compared:
+        count = _float_tag(_version(client, name, v).tags, key)
+        if count is None or count < min_ratings:
+            short.append(f"v{v} has {0 if count is None else int(count)}")
+    if not short:
+        return MOS_METRIC, (f"MOS: {', '.join('v' + v for v in compared)} each have >= "
+                            f"{min_ratings} ratings on {set_name}")
+    return fallback, (f"MOS not used, fell back to {fallback}: {', '.join(short)} of the "
+                      f"{min_ratings} ratings on {set_name} it needs "
+                      "(tracking.gate_min_ratings)")
+
+
 def gate(name: str, version: str, set_name: str, metric: str, *,
          bicubic_psnr: float | None = None,
-         psnr_budget_db: float | None = None) -> GateDecision:
+         psnr_budget_db: float | None = None,
+         min_ratings: int | None = None) -> GateDecision:
     """Make `version` the challenger; make it the champion only if it keeps the PSNR bounds
     of GateRule(set_name, metric, bicubic_psnr, psnr_budget_db) and beats the champion on
     `metric` in that metric's direction.
@@ -505,12 +569,19 @@ def gate(name: str, version: str, set_name: str, metric: str, *,
     sets) is kept: the numbers are not like for like, and `srgan models promote` is the
     explicit way out. The decision, its reason (both numbers) and the rule are recorded on the
     version as `gate_decision`, `gate_reason` and `gate_rule`.
+
+    `min_ratings`: judge by MOS instead of `metric` when every compared version has that many
+    ratings on the set (`mos_choice`); the decision line and the `gate_mos` tag say which
+    metric was used and why.
     """
     if metric not in GATE_METRICS:
         raise ValueError(f"gate metric must be one of {GATE_METRICS}, got {metric!r}")
+    version = str(version)
+    note = ""
+    if min_ratings is not None:
+        metric, note = mos_choice(name, version, set_name, metric, min_ratings)
     rule = GateRule(set_name, metric, bicubic_psnr, psnr_budget_db)
     client = _registry()
-    version = str(version)
     key = metric_tag(rule.set_name, rule.metric)
     tags = _version(client, name, version).tags
     new = _float_tag(tags, key)
@@ -540,10 +611,13 @@ def gate(name: str, version: str, set_name: str, metric: str, *,
     if decision == "promoted":
         client.set_registered_model_alias(name, CHAMPION, version)
         current = version
-    for tag, value in {"gate_decision": decision, "gate_reason": reason,
-                       "gate_rule": str(rule), "gate_metric": key}.items():
+    recorded = {"gate_decision": decision, "gate_reason": reason, "gate_rule": str(rule),
+                "gate_metric": key}
+    if note:
+        recorded["gate_mos"] = note
+    for tag, value in recorded.items():
         client.set_model_version_tag(name, version, tag, value)
-    return GateDecision(name, version, decision, current or "", reason, str(rule))
+    return GateDecision(name, version, decision, current or "", reason, str(rule), note)
 
 
 def promote(name: str, version: str, reason: str, who: str | None = None) -> str | None:

@@ -110,6 +110,26 @@ def add_data(root: Path, data_dir: str = "data") -> None:
         repo.add(str(root / data_dir))  # DVC resolves relative targets against the cwd
 
 
+def add_ratings(root: Path, ratings_dir: str = "ratings") -> int | None:
+    """`dvc add ratings` -> ratings.dvc, then push it to the default remote; returns the
+    files pushed, None without a remote. Human ratings are data, versioned like data/.
+
+    The caller folds the SQLite WAL into the database first (srcore.rating.store.Store.
+    checkpoint) and has stopped writing, so ratings.sqlite alone holds every score; the WAL
+    and shared-memory files a reader may leave are never versioned (.dvcignore)."""
+    folder = root / ratings_dir
+    if not folder.is_dir():
+        raise VersioningError(f"{folder}: missing; nothing to version (run `srgan rate`)")
+    with _repo(root) as repo:
+        try:
+            repo.add(str(folder))
+        except Exception as err:  # noqa: BLE001 - DVC raises many types; all mean "add failed"
+            raise VersioningError(f"dvc add {ratings_dir} failed: {err}") from None
+    if not has_remote(root):
+        return None
+    return push(root, [f"{ratings_dir}.dvc"])
+
+
 def _absolute(root: Path, targets: list[str] | None) -> list[str]:
     return [str(root / t) for t in (targets or ["data.dvc"])]
 
