@@ -187,8 +187,18 @@ def test_two_raters_score_by_clicking_and_the_mos_is_what_the_clicks_imply(
                               if r == who and m == method and rep == 0])
                      for who in ("alice", "bob")]
         mean = float(np.mean(per_rater))
-        low, high = stats.t.interval(0.95, 1, loc=mean, scale=stats.sem(per_rater))
-        ci = "-" if per_rater[0] == per_rater[1] else f"{low:.2f} - {high:.2f}"
-        row = f"| te | {method} | {mean:.2f} | {ci} | 2 | 4 |"
+        half = stats.t.ppf(0.975, 1) * stats.sem(per_rater)  # 0 when both means agree
+        row = f"| te | {method} | {mean:.2f} | {mean - half:.2f} - {mean + half:.2f} | 2 | 4 |"
         assert row in out, (row, out)
     assert "Test-retest" in out and "| all | 4 |" in out
+
+
+def test_ci_runs_exactly_the_readmes_test_command_which_installs_the_browser() -> None:
+    from tests.conftest import REPO
+
+    ci = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
+    readme = (REPO / "README.md").read_text().splitlines()
+    assert ci in readme
+    assert "apt-get install -y -qq chromium chromium-driver" in ci
+    assert ci.startswith("(test -x /usr/bin/chromium -a -x /usr/bin/chromedriver ||")
+    assert ci.endswith(".venv/bin/python -m pytest")
