@@ -120,6 +120,9 @@ def cmd_mos(args: argparse.Namespace) -> None:
     if tagged:
         print(f"tagged {', '.join(tagged)} with metric.<set>.mos "
               "(see `srgan models compare`)", file=sys.stderr)
+    else:
+        print(f"(not tagged: no rated method is a version registered in {uri})",
+              file=sys.stderr)
 
 
 def cmd_study(args: argparse.Namespace) -> None:

@@ -119,6 +119,10 @@ def test_srgan_mos_prints_the_table_and_tags_the_rated_versions(
     assert "no ratings yet; run `srgan rate`" in capsys.readouterr().err
     version = register()
     store = Store(mos.ratings_path(tmp_path))
+    _rate(store, "bob", "te", "hr", [5])  # no registered version: nothing to tag
+    assert cli.main(["mos"]) == 0
+    assert "(not tagged: no rated method is a version registered in" in \
+        capsys.readouterr().err
     store.record_method("srgan", "models/srgan.pt", "abc", "srgan", version)
     _rate(store, "alice", "te", "srgan", [5, 3])
     assert cli.main(["mos"]) == 0
