@@ -160,3 +160,25 @@ def test_ratings_are_versioned_and_pushed_with_dvc(project: Path, tmp_path: Path
     assert len([p for p in remote.rglob("*") if p.is_file()]) == 2
     with pytest.raises(versioning.VersioningError, match="missing; nothing to version"):
         versioning.add_ratings(project, "no-such-folder")
+
+
+def test_the_evaluate_stage_ends_with_the_mos_when_ratings_exist(
+        mlflow_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from srcore import config
+    from srcore.stages import run_function
+    from tests.rating_project import make_project
+
+    root = make_project(tmp_path / "proj")
+    monkeypatch.chdir(root)
+    store = Store(mos.ratings_path(root))
+    _rate(store, "alice", "te", "srgan", [4, 2])
+    _rate(store, "bob", "te", "srgan", [5, 3])
+    run_function("evaluate")(config.load(root / "params.yaml"), Layout(root))
+    assert "Mean opinion score (ratings/, `srgan mos`)" in capsys.readouterr().out
+    run = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("srgan-pipeline").experiment_id],
+        "tags.stage = 'evaluate'")[0]
+    assert run.data.metrics["te/srgan/mos"] == 3.5
+    assert run.data.metrics["te/srgan/mos_raters"] == 2
+    assert "te/srgan/psnr_y" in run.data.metrics  # beside the benchmark's numbers

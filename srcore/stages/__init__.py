@@ -39,6 +39,7 @@ NO_RESULT: tuple[str, ...] = (
     "runtime.num_workers",
     "tracking.experiment", "tracking.register_models", "tracking.ui_url",
     "tracking.serve_alpha",
+    "rating.calibration_images", "rating.repeat_fraction",  # what `srgan rate` shows
 )
 
 

@@ -6,6 +6,13 @@ reports/{grid,perception_distortion}_<set>.png, tags the registered versions tha
 models/*.pt with their numbers and runs the @champion/@challenger gate on data.val: SRResNet
 by PSNR-Y, SRGAN by tracking.gate_metric_srgan (NIQE by default) within
 tracking.gate_psnr_budget_db of the SRResNet champion, both above bicubic.
+
+When ratings/ holds scores of `srgan rate` (the blind MOS test), its end computes the mean
+opinion scores (srcore.rating.mos), logs them to the run (<set>/<method>/mos, mos_ci_low,
+mos_ci_high, mos_ratings, mos_raters) and tags the rated versions, so that SRGAN's gate judges
+by MOS when every compared version has tracking.gate_min_ratings ratings on the gate set.
+Ratings are no DVC dependency of this stage (ratings/ may not exist; people add to it
+between runs): after new ratings, `srgan mos` tags the versions without re-running it.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ PARAMS = (
     "evaluate.crop_border", "evaluate.tile", "evaluate.tile_overlap", "evaluate.grid_images",
     "evaluate.alphas", "runtime.device", "runtime.precision", "runtime.channels_last",
     "tracking.gate_set", "tracking.gate_metric_srgan", "tracking.gate_psnr_budget_db",
+    "tracking.gate_min_ratings",
 )
 
 
@@ -57,9 +65,12 @@ def run(params: Params, layout: Layout) -> None:
             tracker.log_artifact(grid, "grids")
         tracker.log_artifact(layout.plots / "evaluate.csv")
         tracker.log_artifact(layout.plots / "perception_distortion.csv")
+        mos_table = log_mos(layout, tracker)
         decisions = registry_gate(params, layout, summary, gate_set)
         tracker.set_tags({f"gate.{d.name}": f"v{d.version} {d.decision}" for d in decisions})
     print(evaluate.table(summary))
+    if mos_table:
+        print(f"\nMean opinion score (ratings/, `srgan mos`):\n\n{mos_table}")
     for decision in decisions:
         print(decision)
 
@@ -73,6 +84,21 @@ def headline(summary: dict[str, Any], gate_set: str) -> dict[str, Any]:
               "niqe": ("niqe", ("srresnet", "srgan"))}
     return {short: {m: scores[m][key] for m in methods if key in scores.get(m, {})}
             for short, (key, methods) in wanted.items()}
+
+
+def log_mos(layout: Layout, tracker: Any) -> str | None:
+    """MOS from ratings/ when there are scores: logged to the run (finite values only) and
+    tagged on the rated registered versions; returns the table, None without ratings."""
+    from srcore.rating import mos
+
+    found = mos.compute(layout.root)
+    if found is None:
+        return None
+    summary, agreement, methods = found
+    tracker.log_metrics({f"{s}/{m}/{k}": v for s, ms in mos.as_metrics(summary).items()
+                         for m, vals in ms.items() for k, v in vals.items()})
+    tracking.tag_mos(mos.versions_of(summary, methods))
+    return mos.table(summary, agreement)
 
 
 def registry_gate(params: Params, layout: Layout, summary: dict[str, Any],
@@ -98,8 +124,10 @@ def registry_gate(params: Params, layout: Layout, summary: dict[str, Any],
         try:
             tracking.tag_metrics(name, str(version), {
                 s: methods[name] for s, methods in summary.items() if name in methods})
-            decisions.append(tracking.gate(name, str(version), gate_set, metric,
-                                           bicubic_psnr=bicubic, psnr_budget_db=budget))
+            decisions.append(tracking.gate(
+                name, str(version), gate_set, metric, bicubic_psnr=bicubic,
+                psnr_budget_db=budget,
+                min_ratings=params.tracking.gate_min_ratings if name == "srgan" else None))
         except tracking.RegistryError as err:
             print(f"registry gate: skipped {name}: {err}", file=sys.stderr)
     return decisions
