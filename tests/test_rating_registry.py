@@ -182,3 +182,30 @@ def test_the_evaluate_stage_ends_with_the_mos_when_ratings_exist(
     assert run.data.metrics["te/srgan/mos"] == 3.5
     assert run.data.metrics["te/srgan/mos_raters"] == 2
     assert "te/srgan/psnr_y" in run.data.metrics  # beside the benchmark's numbers
+
+
+def test_a_registered_version_is_rated_under_its_resolved_version(
+        register: Register, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from srcore import config
+    from srcore.rating.app import RateOptions, load_session
+    from srcore.stages import UserError
+    from tests.rating_project import make_project
+
+    root = make_project(tmp_path / "proj")
+    monkeypatch.chdir(root)
+    version = register("srgan")
+    tracking.promote("srgan", version, "for the test")
+    params = config.load(root / "params.yaml")
+    session = load_session(params, RateOptions(root, root / "params.yaml",
+                                               models=["models:/srgan@champion"]))
+    method = f"srgan-v{version}"
+    assert sorted({k.method for k in session.catalog.rated}) == sorted(
+        ["nearest", "bicubic", "srresnet", "srgan", "hr", method])
+    assert session.store.methods()[method] == {
+        "source": f"models:/srgan/{version}", "weights_sha256": f"models:/srgan/{version}",
+        "model_name": "srgan", "model_version": version}
+    with pytest.raises(UserError, match="no alias @nope"):
+        load_session(params, RateOptions(root, root / "params.yaml",
+                                         models=["models:/srgan@nope"]))
+    with pytest.raises(UserError, match="--set tr: not a validation or test set"):
+        load_session(params, RateOptions(root, root / "params.yaml", sets=["tr"]))
