@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from srcore.data.datasets import Pair, RandomCropBatches, load_pairs
+from srcore.data.datasets import Pair, RandomCropBatches, load_pairs, open_train_set
 from srcore.data.degrade import imresize
 from srcore.metrics import niqe_y, psnr_y
 from srcore.models.srresnet import SRResNet
@@ -68,7 +68,7 @@ def main() -> None:
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
     prep = Path(os.environ.get("SRGAN_PREPARED", "prepared"))
-    train = load_pairs(prep / "train", "sample_train", 4)
+    train = open_train_set(prep / "train", "sample_train", 4)
     tests = {"sample_val": load_pairs(prep / "val", "sample_val", 4)}
     bicubic = {s: [psnr_y(imresize(p.lr, 4.0), p.hr) for p in ps] for s, ps in tests.items()}
     data = RandomCropBatches(train, cfg["batch"], cfg["crop"], 4, cfg["seed"], True,

@@ -25,6 +25,7 @@ sidecar, so a killed prepare redoes only the shard it was in.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -267,6 +268,11 @@ def _commit_shard(work: Path, i: int, records: list[list[Any]], digests: dict[st
 SMALL_WORK = 32 * 2**20
 
 
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty (another set's attempt) or already gone
+        folder.rmdir()
+
+
 def _follow_parent(parent: int) -> None:
     """Pool initializer: exit when the prepare that started this process is gone (a kill -9
     of it would otherwise leave its pool waiting forever)."""
@@ -385,8 +391,7 @@ def write_set(src: Path, out: Path, work_root: Path, *, scale: int, sigma: float
             tmp.unlink()
         if not done:
             shutil.rmtree(work, ignore_errors=True)
-            if not any(work_root.iterdir()):
-                work_root.rmdir()
+            _remove_if_empty(work_root)
         raise
     finally:
         if pool is not None:
@@ -405,6 +410,5 @@ def write_set(src: Path, out: Path, work_root: Path, *, scale: int, sigma: float
              "records": all_records}
     (out / INDEX).write_text(json.dumps(index, separators=(",", ":")) + "\n")
     shutil.rmtree(work, ignore_errors=True)
-    if not any(work_root.iterdir()):
-        work_root.rmdir()
+    _remove_if_empty(work_root)
     return len(all_records), skipped, all_digests
