@@ -54,13 +54,13 @@ def make_project(root: Path, val_images: int = 3, test_images: int = 2,
 
 
 @contextlib.contextmanager
-def rating_server(root: Path, raters: list[str], *extra: str,
-                  timeout_s: float = 90) -> Iterator[tuple[str, dict[str, str], Any]]:
-    """`srgan rate --no-dvc` in `root` as a subprocess; yields (base URL, rater -> link,
-    the process) and stops it afterwards (SIGTERM, SIGKILL if it lingers)."""
+def rating_server(root: Path, raters: list[str], *extra: str, timeout_s: float = 90,
+                  dvc: bool = False) -> Iterator[tuple[str, dict[str, str], Any]]:
+    """`srgan rate --no-dvc` (or with DVC) in `root` as a subprocess; yields (base URL,
+    rater -> link, the process) and stops it afterwards (SIGTERM, SIGKILL if it lingers)."""
     port = free_port()
-    args = [sys.executable, "-m", "srcore.cli", "rate", "--port", str(port), "--no-dvc",
-            *extra]
+    args = [sys.executable, "-m", "srcore.cli", "rate", "--port", str(port),
+            *([] if dvc else ["--no-dvc"]), *extra]
     for name in raters:
         args += ["--rater", name]
     log = root / f"rate-{port}.log"

@@ -215,3 +215,26 @@ def test_the_store_refuses_a_rated_method_whose_weights_changed(
     assert code == 2
     failure = (root / ".srgan" / "errors" / "rate.txt").read_text()
     assert "'srgan' was rated (1 scores) with other weights" in failure
+
+
+def test_stopping_the_server_versions_the_ratings_with_dvc_and_pushes_them(
+        tmp_path: Path) -> None:
+    import subprocess
+
+    root = make_project(tmp_path / "proj")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"],
+                ["dvc", "remote", "add", "-d", "local", str(tmp_path / "remote")]):
+        subprocess.run(cmd, cwd=root, check=True, capture_output=True)
+    with rating_server(root, ["alice"], dvc=True) as (base, links, proc):
+        token = token_of(links["alice"])
+        urllib.request.urlopen(urllib.request.Request(
+            f"{base}/r/{token}/calibrated", data=b"", method="POST"), timeout=10)
+        shown = _display(_get(f"{base}/r/{token}"))
+        assert _post(f"{base}/api/score", {"token": token, "display": shown, "score": 4}) == 200
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert proc.wait(timeout=60) == 0
+    assert "path: ratings" in (root / "ratings.dvc").read_text()
+    assert sorted(p.name for p in (root / "ratings").iterdir()) == ["ratings.sqlite"]
+    assert len([p for p in (tmp_path / "remote").rglob("*") if p.is_file()]) == 2
+    log = next(root.glob("rate-*.log")).read_text()
+    assert "ratings versioned in ratings.dvc, 2 file(s) pushed" in log
