@@ -150,9 +150,9 @@ def child_train(root: Path, memory: bool, weights: Path | None) -> None:
             pairs = []
             for spec in params.data.train:
                 shards = open_train_set(layout.prepared_split("train"), spec.name, 4)
-                for k, r in enumerate(shards.records):
+                for k, name in enumerate(shards.names):
                     hr, lr = shards.image(k)
-                    pairs.append(Pair(r.name, hr, lr))
+                    pairs.append(Pair(name, hr, lr))
             return pairs
 
         loop.train_images = decoded  # type: ignore[assignment]
@@ -262,7 +262,7 @@ def loader_rates(root: Path, raw: dict[str, Any], batches: int = 300,
     from srcore.data.datasets import Pair, RandomCropBatches, open_train_set
 
     shards = open_train_set(root / "prepared" / "train", "sample_train", 4)
-    pairs = [Pair(r.name, *shards.image(k)) for k, r in enumerate(shards.records)]
+    pairs = [Pair(name, *shards.image(k)) for k, name in enumerate(shards.names)]
     cfg = raw["pretrain"]
     sources: dict[str, Any] = {"shards": shards, "memory": pairs}
     times: dict[str, list[float]] = {k: [] for k in sources}

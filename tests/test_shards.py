@@ -237,10 +237,38 @@ def test_the_loader_keeps_no_image_in_memory(tmp_path: Path) -> None:
     data[0]
     held = [v for v in vars(shards).values() if isinstance(v, np.ndarray)]
     held += [v for v in vars(data).values() if isinstance(v, np.ndarray)]
-    assert sum(a.nbytes for a in held) < 1024  # the sampling weights only
+    assert sum(a.nbytes for a in held) < 1024  # the index table and the sampling weights
     # A shard cut short (a bad copy) is refused when opened, naming it.
     shard = shards.shard_files[0]
     with shard.open("r+b") as fh:
         fh.truncate(os.path.getsize(shard) - 1)
     with pytest.raises(ShardFormatError, match=r"shard-00000\.bin: truncated"):
         ShardSet(tmp_path / "set", 4)
+
+
+def test_the_index_of_a_large_set_costs_bytes_per_image(tmp_path: Path) -> None:
+    """100k images (ImageNet-like counts): the reader and the batches hold the index as
+    arrays, well under 100 bytes per image beyond the names, and read only what they crop."""
+    import tracemalloc
+
+    n, side = 100_000, 128
+    size = side * side * 3 + (side // 4) ** 2 * 3
+    folder = tmp_path / "big"
+    (folder / "shards").mkdir(parents=True)
+    with (folder / "shards" / "shard-00000.bin").open("wb") as fh:
+        fh.truncate(n * size)  # sparse: no disk used
+    records = [[f"n{i % 1000:05d}/{i:07d}.JPEG", 0, i * size, side, side, 3] for i in range(n)]
+    (folder / "index.json").write_text(json.dumps(
+        {"format": "srgan-shards/1", "scale": 4, "shards": ["shards/shard-00000.bin"],
+         "records": records}))
+    del records
+    tracemalloc.start()
+    shards = ShardSet(folder, 4)
+    data = RandomCropBatches(shards, 16, 96, 4, 0, True, "image")
+    lr, hr = data[0]
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    names = sum(sys.getsizeof(name) for name in shards.names) + sys.getsizeof(shards.names)
+    assert hr.shape == (16, 3, 96, 96)
+    print(f"{(held - names) / n:.1f} bytes per image beside the names")
+    assert (held - names) / n < 100, f"{(held - names) / n:.0f} bytes per image"

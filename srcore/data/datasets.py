@@ -113,6 +113,8 @@ class CropSource(Protocol):
 
     def lr_size(self, k: int) -> tuple[int, int]: ...
 
+    def lr_sizes(self) -> np.ndarray: ...
+
     def hr_crop(self, k: int, y: int, x: int, c: int) -> np.ndarray: ...
 
     def lr_crop(self, k: int, y: int, x: int, c: int) -> np.ndarray: ...
@@ -136,6 +138,9 @@ class MemoryImages:
     def lr_size(self, k: int) -> tuple[int, int]:
         return self.lr[k].shape[0], self.lr[k].shape[1]
 
+    def lr_sizes(self) -> np.ndarray:
+        return np.array([lr.shape[:2] for lr in self.lr], np.int64).reshape(-1, 2)
+
     def hr_crop(self, k: int, y: int, x: int, c: int) -> np.ndarray:
         s = self.scale
         return self.hr[k][y * s:(y + c) * s, x * s:(x + c) * s]
@@ -153,21 +158,30 @@ class Concat:
                 raise ImageError(f"a training set was prepared for scale {src.scale}, not "
                                  f"{scale}; run `srgan prepare --split train`")
         self.scale = scale
-        self.where = [(src, k) for src in sources for k in range(len(src))]
+        self.sources = list(sources)
+        self.starts = np.cumsum([0, *(len(src) for src in self.sources)])
 
     def __len__(self) -> int:
-        return len(self.where)
+        return int(self.starts[-1])
+
+    def _where(self, k: int) -> tuple[CropSource, int]:
+        i = int(np.searchsorted(self.starts, k, side="right")) - 1
+        return self.sources[i], k - int(self.starts[i])
 
     def lr_size(self, k: int) -> tuple[int, int]:
-        src, j = self.where[k]
+        src, j = self._where(k)
         return src.lr_size(j)
 
+    def lr_sizes(self) -> np.ndarray:
+        return np.concatenate([src.lr_sizes() for src in self.sources] or
+                              [np.zeros((0, 2), np.int64)])
+
     def hr_crop(self, k: int, y: int, x: int, c: int) -> np.ndarray:
-        src, j = self.where[k]
+        src, j = self._where(k)
         return src.hr_crop(j, y, x, c)
 
     def lr_crop(self, k: int, y: int, x: int, c: int) -> np.ndarray:
-        src, j = self.where[k]
+        src, j = self._where(k)
         return src.lr_crop(j, y, x, c)
 
 
@@ -211,14 +225,14 @@ class RandomCropBatches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             raise ImageError(f"training images prepared for scale {images.scale}, not {scale}; "
                              "run `srgan prepare --split train`")
         self.images = images
-        sizes = [images.lr_size(k) for k in range(len(images))]
-        self.keys = [k for k, (h, w) in enumerate(sizes) if min(h, w) >= self.lr_crop]
-        if not self.keys:
+        sizes = images.lr_sizes()  # N x 2 arrays: a few bytes per image, even for 350k
+        self.keys = np.flatnonzero(sizes.min(axis=1, initial=2**62) >= self.lr_crop)
+        if not len(self.keys):
             raise ImageError(f"no training image has an LR side of at least {self.lr_crop} px "
                              f"(hr_crop {hr_crop}); lower pretrain.hr_crop or add images")
-        self.sizes = [sizes[k] for k in self.keys]
+        self.sizes = sizes[self.keys]
         if sampling == "pixel":  # every pixel equally likely: big images dominate
-            areas = np.array([h * w for h, w in self.sizes], dtype=np.float64)
+            areas = (self.sizes[:, 0] * self.sizes[:, 1]).astype(np.float64)
         elif sampling == "image":  # every image equally likely, as BasicSR's loaders do
             areas = np.ones(len(self.sizes))
         else:
@@ -240,12 +254,12 @@ class RandomCropBatches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         for attempt in range(self.REDRAWS + 1):
             if attempt:
                 k = int(rng.choice(len(self.sizes), p=self.weights))
-            h, w = self.sizes[k]
+            h, w = int(self.sizes[k, 0]), int(self.sizes[k, 1])
             y = int(rng.integers(0, h - c + 1))
             x = int(rng.integers(0, w - c + 1))
             if not self.min_std:
                 break
-            hr = self.images.hr_crop(self.keys[k], y, x, c)
+            hr = self.images.hr_crop(int(self.keys[k]), y, x, c)
             if hr.std() >= self.min_std:
                 break
         return k, y, x, hr
@@ -262,7 +276,7 @@ class RandomCropBatches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             slot = b - self.first
             if not 0 <= slot < self.local:
                 continue  # another process's crop: its random numbers are drawn all the same
-            key = self.keys[k]
+            key = int(self.keys[k])
             lr_crop = self.images.lr_crop(key, y, x, c)
             if hr_crop is None:
                 hr_crop = self.images.hr_crop(key, y, x, c)

@@ -78,6 +78,8 @@ class Record:
 class ShardSet:
     """One prepared training set, read crop by crop from its shards (no image in memory).
 
+    The index is held as one int64 table (shard, offset, height, width, channels per image)
+    and the list of names: ~60 bytes per image, so even 350k images cost ~20 MB.
     File descriptors are opened lazily per process, so a DataLoader worker (forked or
     spawned) opens its own; `pread` keeps no file position, so they are never shared state.
     """
@@ -91,23 +93,26 @@ class ShardSet:
                 raise ValueError(index.get("format"))
             self.scale = int(index["scale"])
             self.shard_files = [folder / rel for rel in index["shards"]]
-            self.records = [Record(*r) for r in index["records"]]
+            records = index["records"]
+            self.names: list[str] = [str(r[0]) for r in records]
+            self.table = np.array([r[1:6] for r in records], dtype=np.int64).reshape(-1, 5)
+            del index, records
         except FileNotFoundError:
             raise ShardFormatError(f"{index_path}: missing; {folder} is not a prepared training "
                                    "set in the shard format: run `srgan prepare --split train` "
                                    "(or `dvc repro`)") from None
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, IndexError):
             raise ShardFormatError(f"{index_path}: not an index written by this version of "
                                    "`srgan prepare`; run `srgan prepare --split train` "
                                    "(or `dvc repro`)") from None
         if scale is not None and scale != self.scale:
             raise ImageError(f"{folder}: prepared for scale {self.scale}, not {scale}; "
                              "run `srgan prepare --split train` (or `dvc repro`)")
-        expected = [0] * len(self.shard_files)
-        for r in self.records:
-            expected[r.shard] = max(expected[r.shard], r.offset + r.hr_bytes()
-                                    + r.lr_bytes(self.scale))
-        for path, size in zip(self.shard_files, expected, strict=True):
+        shard, offset, h, w, c = self.table.T
+        ends = offset + h * w * c + (h // self.scale) * (w // self.scale) * c
+        expected = np.zeros(len(self.shard_files), np.int64)
+        np.maximum.at(expected, shard, ends)
+        for path, size in zip(self.shard_files, expected.tolist(), strict=True):
             actual = path.stat().st_size if path.is_file() else -1
             if actual != size:
                 raise ShardFormatError(f"{path}: {'missing' if actual < 0 else 'truncated'} "
@@ -117,7 +122,7 @@ class ShardSet:
         self._pid = os.getpid()
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.names)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_fds": {}, "_pid": -1}
@@ -135,22 +140,33 @@ class ShardSet:
             fd = self._fds[shard] = os.open(self.shard_files[shard], os.O_RDONLY)
         return fd
 
+    def record(self, k: int) -> Record:
+        return Record(self.names[k], *(int(v) for v in self.table[k]))
+
+    @property
+    def records(self) -> list[Record]:
+        """Every image's record (for tests and tools; training reads the table)."""
+        return [self.record(k) for k in range(len(self))]
+
     def lr_size(self, k: int) -> tuple[int, int]:
-        r = self.records[k]
-        return r.height // self.scale, r.width // self.scale
+        return int(self.table[k, 2]) // self.scale, int(self.table[k, 3]) // self.scale
+
+    def lr_sizes(self) -> np.ndarray:
+        """(height, width) in LR pixels of every image, as an N x 2 array."""
+        return self.table[:, 2:4] // self.scale
 
     def _rows(self, k: int, hr: bool, y: int, rows: int) -> np.ndarray:
         """Rows y .. y+rows of image k's HR (or LR), as stored (HxWxC, C = 1 or 3)."""
-        r = self.records[k]
+        shard, offset, height, width, channels = (int(v) for v in self.table[k])
         s = self.scale
-        h, w = (r.height, r.width) if hr else (r.height // s, r.width // s)
-        start = r.offset + (0 if hr else r.hr_bytes())
-        row = w * r.channels
-        data = os.pread(self._fd(r.shard), rows * row, start + y * row)
+        w = width if hr else width // s
+        start = offset + (0 if hr else height * width * channels)
+        row = w * channels
+        data = os.pread(self._fd(shard), rows * row, start + y * row)
         if len(data) != rows * row:
-            raise ShardFormatError(f"{self.shard_files[r.shard]}: shorter than its index says; "
+            raise ShardFormatError(f"{self.shard_files[shard]}: shorter than its index says; "
                                    "run `srgan prepare --split train`")
-        return np.frombuffer(data, np.uint8).reshape(rows, w, r.channels)
+        return np.frombuffer(data, np.uint8).reshape(rows, w, channels)
 
     def hr_crop(self, k: int, y: int, x: int, c: int) -> np.ndarray:
         """The HR crop over LR pixels (y, x) .. (y+c, x+c), RGB."""
@@ -162,9 +178,9 @@ class ShardSet:
 
     def image(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Image k's whole (HR, LR), as stored: for tests and tools, never for training."""
-        r = self.records[k]
-        return (self._rows(k, True, 0, r.height).copy(),
-                self._rows(k, False, 0, r.height // self.scale).copy())
+        height = int(self.table[k, 2])
+        return (self._rows(k, True, 0, height).copy(),
+                self._rows(k, False, 0, height // self.scale).copy())
 
 
 def _rgb(a: np.ndarray) -> np.ndarray:
