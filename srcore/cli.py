@@ -150,8 +150,10 @@ HELP = {
                   "so a fresh clone is told to run `srgan download` or `dvc pull`).",
     "hash-data": "Write .srgan/data-<split>.json (each split's sets and image hashes), what "
                  "each split's prepare depends on; refuses two sets that share an image.",
-    "prepare": "Crop HR images to a multiple of the scale and make their MATLAB-bicubic LR "
-               "into prepared/<split>/<set>/{HR,LR}/ with a manifest.json per set.",
+    "prepare": "Crop HR images to a multiple of the scale and make their MATLAB-bicubic LR: "
+               "training sets as shards + index in prepared/train/<set>/ (every core, "
+               "resumable), others as prepared/<split>/<set>/{HR,LR}/; a manifest.json per "
+               "set.",
     "pretrain": "Train SRResNet with pixel MSE; writes models/srresnet.pt and "
                 "metrics/pretrain.json, logs to MLflow and registers 'srresnet'. Resumes from "
                 "checkpoints/pretrain.pt after an interruption.",
