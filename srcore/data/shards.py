@@ -221,13 +221,15 @@ def header(path: Path) -> tuple[int, int, int]:
 
 
 def plan(files: Sequence[Path], root: Path, scale: int, min_hr_side: int,
-         shard_bytes: int) -> tuple[list[list[Planned]], list[Planned]]:
+         shard_bytes: int, progress: bool = False) -> tuple[list[list[Planned]], list[Planned]]:
     """Shards (lists of images, in path order, each holding at most `shard_bytes` unless one
-    image alone is larger) and the images skipped as smaller than `min_hr_side` HR pixels."""
+    image alone is larger) and the images skipped as smaller than `min_hr_side` HR pixels.
+    Reads only the headers (~0.3 ms an image; a bar for large sets)."""
     shards: list[list[Planned]] = [[]]
     skipped: list[Planned] = []
     used = 0
-    for path in files:
+    for path in tqdm(files, desc="plan shards", unit="img", leave=False,
+                     disable=not progress or len(files) < 5000):
         h, w, c = header(path)
         item = Planned(path, path.relative_to(root).as_posix(), h - h % scale, w - w % scale, c)
         if min(item.height, item.width) < max(min_hr_side, scale):
@@ -354,7 +356,7 @@ def write_set(src: Path, out: Path, work_root: Path, *, scale: int, sigma: float
             if stale != work:
                 shutil.rmtree(stale, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    shards, skipped = plan(files, src, scale, min_hr_side, int(shard_mb * 2**20))
+    shards, skipped = plan(files, src, scale, min_hr_side, int(shard_mb * 2**20), progress)
     if skipped:
         log(f"prepare {name}: skipped {len(skipped)} of {len(files)} images smaller than "
             f"prepare.min_hr_side = {min_hr_side} px (first: {skipped[0].path})")
