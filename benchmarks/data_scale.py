@@ -331,6 +331,9 @@ def main() -> int:
         row.update(train_peak_rss_mib=[r[3] for r in runs],
                    train_steps_per_s=[r[0]["steps_per_s"] for r in runs],
                    verify_s=[r[0]["verify_s"] for r in runs])
+        if count == min(args.counts):  # the loader before issue 18, for comparison
+            row["in_memory_loader_peak_rss_mib"] = run_child(["_train", str(root),
+                                                              "--memory"])[3]
         if "dvc" not in args.skip:
             row["dvc_s"] = dvc_times(root, work / f"remote{count}")
         report[f"synth{count}"] = row
