@@ -100,6 +100,8 @@ class DownloadConfig(_Strict):
 
 class PrepareConfig(_Strict):
     gaussian_sigma: PositiveFloat | None
+    min_hr_side: PositiveInt
+    shard_mb: PositiveFloat
 
 
 class ModelConfig(_Strict):
