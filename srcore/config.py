@@ -196,6 +196,17 @@ class TrackingConfig(_Strict):
     # The point on the perception-distortion curve a registered srgan serves when a request
     # does not ask for one: (1 - a) SRResNet + a SRGAN, 1 = SRGAN itself.
     serve_alpha: Annotated[float, Field(ge=0, le=1)]
+    # SRGAN's gate judges by mean opinion score instead of gate_metric_srgan when every
+    # compared version has at least this many ratings on the gate set (srcore.rating).
+    gate_min_ratings: PositiveInt
+
+
+class RatingConfig(_Strict):
+    """`srgan rate` (the blind MOS page): calibration pairs shown first (validation images,
+    never rated), and the share of versions shown twice for test-retest agreement."""
+
+    calibration_images: PositiveInt
+    repeat_fraction: Annotated[float, Field(ge=0, le=1)]
 
 
 class Params(_Strict):
@@ -211,6 +222,7 @@ class Params(_Strict):
     runtime: RuntimeConfig
     evaluate: EvaluateConfig
     tracking: TrackingConfig
+    rating: RatingConfig
 
     @field_validator("pretrain", "finetune")
     @classmethod
