@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -295,3 +295,36 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stack.callback(_drain_prefect_workers)
         stack.enter_context(temporary_settings({PREFECT_API_URL: url}))
         yield url
+
+
+Register = Callable[..., str]
+
+
+@pytest.fixture
+def register(mlflow_store: str) -> Register:
+    """Register one more tiny SRResNet version the way the training stages do."""
+    from srcore import tracking
+    from srcore.models.srresnet import SRResNet
+
+    model = SRResNet(blocks=1, channels=4, scale=4, global_skip=True).eval()
+
+    def _register(name: str = "srresnet", data_version: str = "d1.dir",
+                  metrics: dict[str, dict[str, float]] | None = None) -> str:
+        stage = "pretrain" if name == "srresnet" else "finetune"
+        with tracking.stage_run("t", stage) as tracker:
+            tracker.log_params({"model.blocks": 1, "scale": 4, f"{stage}.lr": 1e-4,
+                                "runtime.device": "cpu"})
+            version = tracker.log_generator(model, name, register=True,
+                                            tags={"data_version": data_version})
+        assert version is not None
+        if metrics:
+            tracking.tag_metrics(name, version, metrics)
+        return version
+
+    return _register
+
+
+def model_version_tags(name: str, version: str) -> dict[str, str]:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient().get_model_version(name, version).tags

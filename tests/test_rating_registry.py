@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,31 +13,10 @@ from mlflow.tracking import MlflowClient
 
 from srcore import cli, report, tracking, versioning
 from srcore.layout import Layout
-from srcore.models.srresnet import SRResNet
 from srcore.rating import mos
 from srcore.rating.store import Key, Store
 from srcore.stages.evaluate import log_mos
-
-Register = Callable[..., str]
-
-
-@pytest.fixture
-def register(mlflow_store: str) -> Register:
-    model = SRResNet(blocks=1, channels=4, scale=4, global_skip=True).eval()
-
-    def _register(name: str = "srgan", metrics: dict[str, dict[str, float]] | None = None) -> str:
-        with tracking.stage_run("t", "finetune") as tracker:
-            version = tracker.log_generator(model, name, register=True)
-        assert version is not None
-        if metrics:
-            tracking.tag_metrics(name, version, metrics)
-        return version
-
-    return _register
-
-
-def _tags(name: str, version: str) -> dict[str, str]:
-    return MlflowClient().get_model_version(name, version).tags
+from tests.conftest import Register, model_version_tags
 
 
 def _rate(store: Store, rater: str, set_name: str, method: str, scores: list[int]) -> None:
@@ -52,21 +30,21 @@ def _rate(store: Store, rater: str, set_name: str, method: str, scores: list[int
 
 def test_the_srgan_gate_judges_by_mos_only_when_every_compared_version_has_enough_ratings(
         register: Register) -> None:
-    v1 = register(metrics={"val": {"psnr_y": 27.0, "niqe": 5.0, "mos": 3.1,
+    v1 = register("srgan", metrics={"val": {"psnr_y": 27.0, "niqe": 5.0, "mos": 3.1,
                                    "mos_ratings": 40}})
     first = tracking.gate("srgan", v1, "val", "niqe", min_ratings=30)
     assert first.promoted and str(first).endswith(
         "[rule: metric.val.mos (higher is better)] [MOS: v1 each have >= 30 ratings on val]")
-    assert _tags("srgan", v1)["gate_mos"] == "MOS: v1 each have >= 30 ratings on val"
+    assert model_version_tags("srgan", v1)["gate_mos"] == "MOS: v1 each have >= 30 ratings on val"
     # v2 has a worse NIQE but a better MOS, and both have enough ratings: MOS decides.
-    v2 = register(metrics={"val": {"psnr_y": 27.0, "niqe": 6.0, "mos": 3.5,
+    v2 = register("srgan", metrics={"val": {"psnr_y": 27.0, "niqe": 6.0, "mos": 3.5,
                                    "mos_ratings": 30}})
     second = tracking.gate("srgan", v2, "val", "niqe", min_ratings=30)
     assert second.promoted and "metric.val.mos 3.5000 beats champion v1's 3.1000" in \
         second.reason
-    assert _tags("srgan", v2)["gate_metric"] == "metric.val.mos"
+    assert model_version_tags("srgan", v2)["gate_metric"] == "metric.val.mos"
     # v3: a better NIQE, too few ratings: NIQE decides, and the decision line says why.
-    v3 = register(metrics={"val": {"psnr_y": 27.0, "niqe": 4.0, "mos": 4.9,
+    v3 = register("srgan", metrics={"val": {"psnr_y": 27.0, "niqe": 4.0, "mos": 4.9,
                                    "mos_ratings": 29}})
     third = tracking.gate("srgan", v3, "val", "niqe", min_ratings=30)
     line = str(third)
@@ -75,7 +53,7 @@ def test_the_srgan_gate_judges_by_mos_only_when_every_compared_version_has_enoug
                          "to niqe: v3 has 29 of the 30 ratings on val it needs "
                          "(tracking.gate_min_ratings)]")
     # v4 has plenty of ratings, but the champion v3 has too few: NIQE again.
-    v4 = register(metrics={"val": {"psnr_y": 27.0, "niqe": 4.5, "mos": 5.0,
+    v4 = register("srgan", metrics={"val": {"psnr_y": 27.0, "niqe": 4.5, "mos": 5.0,
                                    "mos_ratings": 99}})
     fourth = tracking.gate("srgan", v4, "val", "niqe", min_ratings=30)
     assert fourth.decision == "champion_kept"
@@ -88,7 +66,7 @@ def test_the_srgan_gate_judges_by_mos_only_when_every_compared_version_has_enoug
 
 def test_mos_reaches_the_evaluate_run_and_the_rated_versions_and_compare_shows_it(
         register: Register, tmp_path: Path) -> None:
-    version = register()
+    version = register("srgan")
     store = Store(mos.ratings_path(tmp_path))
     store.record_method("srgan", "models/srgan.pt", "abc", "srgan", version)
     store.record_method("bicubic", "MATLAB bicubic x4")
@@ -104,7 +82,7 @@ def test_mos_reaches_the_evaluate_run_and_the_rated_versions_and_compare_shows_i
     assert metrics["val/srgan/mos_raters"] == 2 and metrics["val/srgan/mos_ratings"] == 6
     assert metrics["val/srgan/mos_ci_low"] < 23 / 6 < metrics["val/srgan/mos_ci_high"]
     assert metrics["val/bicubic/mos"] == 2 and "val/bicubic/mos_ci_low" not in metrics
-    tags = _tags("srgan", version)
+    tags = model_version_tags("srgan", version)
     assert tags["metric.val.mos"] == str(round(23 / 6, 4)) and tags["metric.val.mos_ratings"] \
         == "6.0"
     text = tracking.compare_text(["srgan"])
@@ -117,7 +95,7 @@ def test_srgan_mos_prints_the_table_and_tags_the_rated_versions(
     monkeypatch.chdir(tmp_path)
     assert cli.main(["mos"]) == 2
     assert "no ratings yet; run `srgan rate`" in capsys.readouterr().err
-    version = register()
+    version = register("srgan")
     store = Store(mos.ratings_path(tmp_path))
     _rate(store, "bob", "te", "hr", [5])  # no registered version: nothing to tag
     assert cli.main(["mos"]) == 0
@@ -129,7 +107,7 @@ def test_srgan_mos_prints_the_table_and_tags_the_rated_versions(
     out = capsys.readouterr()
     assert "| te | srgan | 4.00 | - | 1 | 2 |" in out.out
     assert f"tagged srgan v{version}" in out.err
-    assert _tags("srgan", version)["metric.te.mos"] == "4.0"
+    assert model_version_tags("srgan", version)["metric.te.mos"] == "4.0"
 
 
 def test_report_prints_our_mos_beside_the_papers(tmp_path: Path) -> None:

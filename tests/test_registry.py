@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,36 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from srcore import cli, config, tracking
 from srcore.layout import Layout
-from srcore.models.srresnet import SRResNet
 from srcore.stages.evaluate import registry_gate
-from tests.conftest import tiny_params_dict
-
-Register = Callable[..., str]
-
-
-@pytest.fixture
-def register(mlflow_store: str) -> Register:
-    """Register one more tiny SRResNet version the way the training stages do."""
-    model = SRResNet(blocks=1, channels=4, scale=4, global_skip=True).eval()
-
-    def _register(name: str = "srresnet", data_version: str = "d1.dir",
-                  metrics: dict[str, dict[str, float]] | None = None) -> str:
-        stage = "pretrain" if name == "srresnet" else "finetune"
-        with tracking.stage_run("t", stage) as tracker:
-            tracker.log_params({"model.blocks": 1, "scale": 4, f"{stage}.lr": 1e-4,
-                                "runtime.device": "cpu"})
-            version = tracker.log_generator(model, name, register=True,
-                                            tags={"data_version": data_version})
-        assert version is not None
-        if metrics:
-            tracking.tag_metrics(name, version, metrics)
-        return version
-
-    return _register
-
-
-def _tags(name: str, version: str) -> dict[str, str]:
-    return MlflowClient().get_model_version(name, version).tags
+from tests.conftest import Register, model_version_tags, tiny_params_dict
 
 
 def test_first_version_becomes_champion_and_carries_its_provenance(register: Register) -> None:
@@ -53,7 +24,7 @@ def test_first_version_becomes_champion_and_carries_its_provenance(register: Reg
     assert "first champion" in decision.reason
     assert tracking.aliases("srresnet") == {"champion": v1, "challenger": v1}
 
-    tags = _tags("srresnet", v1)
+    tags = model_version_tags("srresnet", v1)
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                           check=True).stdout.strip()
     assert tags["git_commit"] == head and tags["git_dirty"] in ("true", "false")
@@ -87,7 +58,7 @@ def test_a_worse_or_equal_challenger_leaves_the_champion_and_says_why(
     decision = tracking.gate("srgan", v2, "set5", "ssim_y")
     assert not decision.promoted and decision.champion == v1
     assert tracking.aliases("srgan") == {"champion": v1, "challenger": v2}
-    tags = _tags("srgan", v2)
+    tags = model_version_tags("srgan", v2)
     assert tags["gate_decision"] == "champion_kept"
     assert tags["gate_reason"] == ("metric.set5.ssim_y 0.8000 does not beat champion v1's "
                                    "0.8000")
@@ -106,7 +77,7 @@ def test_srgan_gate_ranks_by_lower_niqe_within_the_psnr_budget_and_above_bicubic
     v1 = register("srgan", metrics={"val": {"psnr_y": 27.5, "niqe": 6.0}})
     first = tracking.gate("srgan", v1, "val", "niqe", **rule)
     assert first.promoted and "first champion" in first.reason
-    assert _tags("srgan", v1)["gate_rule"] == (
+    assert model_version_tags("srgan", v1)["gate_rule"] == (
         "metric.val.niqe (lower is better); psnr_y above bicubic's 26.00; "
         "psnr_y within 1 dB of @champion srresnet")
 
@@ -142,7 +113,7 @@ def test_non_finite_numbers_never_reach_the_registry_or_a_run(register: Register
     v1 = register()
     with pytest.raises(tracking.RegistryError, match=r"metric\.val\.niqe is nan"):
         tracking.tag_metrics("srresnet", v1, {"val": {"niqe": float("nan")}})
-    assert "metric.val.niqe" not in _tags("srresnet", v1)
+    assert "metric.val.niqe" not in model_version_tags("srresnet", v1)
     with tracking.stage_run("t", "pretrain") as tracker, \
             pytest.raises(tracking.NonFiniteMetric, match="'pretrain/loss_mse' is nan"):
         tracker.log_metrics({"pretrain/loss_mse": float("nan"), "pretrain/lr": 1e-4}, step=3)
@@ -171,7 +142,7 @@ def test_manual_promotion_overrides_the_gate_and_records_who_and_why(
     assert cli.main(["models", "promote", "srresnet", v2, "--reason", "sharper faces"]) == 0
     assert f"srresnet v{v2} is now @champion (was v{v1})" in capsys.readouterr().out
     assert tracking.aliases("srresnet")["champion"] == v2
-    tags = _tags("srresnet", v2)
+    tags = model_version_tags("srresnet", v2)
     assert tags["promoted_reason"] == "sharper faces" and tags["promoted_over"] == v1
     # The registry never shows the champion as "champion_kept" after a manual promotion.
     assert (tags["gate_decision"], tags["gate_reason"]) == ("manual",
@@ -228,7 +199,7 @@ def test_evaluate_gate_tags_the_versions_that_made_the_weights_files(
     decisions = registry_gate(params, layout, summary, "sample_test")
     assert [(d.name, d.version, d.decision) for d in decisions] == [("srresnet", v1,
                                                                      "promoted")]
-    assert _tags("srresnet", v1)["metric.sample_test.ssim_daala_y"] == "0.77"
+    assert model_version_tags("srresnet", v1)["metric.sample_test.ssim_daala_y"] == "0.77"
     # models/srgan.pt is no version of this registry: reported, and the stage still succeeds.
     assert f"skipped srgan: {layout.model('srgan')} is no version registered in" in \
         capsys.readouterr().err
@@ -253,7 +224,8 @@ def test_evaluate_gates_srgan_on_validation_niqe_within_the_psnr_budget(
     assert [(d.name, d.decision) for d in decisions] == [("srresnet", "promoted"),
                                                         ("srgan", "refused")]
     assert f"more than {budget:g} dB below srresnet v{resnet}'s 28.00" in decisions[1].reason
-    assert _tags("srgan", gan)["gate_rule"].startswith("metric.sample_val.niqe (lower is better)")
+    assert model_version_tags("srgan", gan)["gate_rule"].startswith(
+        "metric.sample_val.niqe (lower is better)")
 
     summary["sample_val"]["srgan"]["psnr_y"] = 27.0  # a trade within the budget: promoted
     decisions = registry_gate(params, layout, summary, "sample_val")
