@@ -347,15 +347,11 @@ def write_set(src: Path, out: Path, work_root: Path, *, scale: int, sigma: float
     `processes`: how many processes degrade images; None = every core, once there is more
     work than starting them costs (SMALL_WORK bytes of HR pixels)."""
     log = log or (lambda message: print(message, file=sys.stderr))
+    name = name or src.name
     files = list_images_tree(src)
     info = {"format": FORMAT, "scale": scale, "sigma": sigma, "min_hr_side": min_hr_side,
             "shard_mb": shard_mb}
-    work = work_root / f"{name or src.name}-{_work_key(files, info)}"
-    if work_root.is_dir():  # attempts with other inputs or params can never be resumed
-        for stale in work_root.glob(f"{name or src.name}-*"):
-            if stale != work:
-                shutil.rmtree(stale, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
+    work = _work_folder(work_root, name, _work_key(files, info))
     shards, skipped = plan(files, src, scale, min_hr_side, int(shard_mb * 2**20), progress)
     if skipped:
         log(f"prepare {name}: skipped {len(skipped)} of {len(files)} images smaller than "
@@ -364,46 +360,20 @@ def write_set(src: Path, out: Path, work_root: Path, *, scale: int, sigma: float
         raise ImageError(f"{src}: no image has both sides of at least {min_hr_side} px "
                          "(prepare.min_hr_side); lower it or add larger images")
     done = {i: d for i in range(len(shards)) if (d := _finished(work, i)) is not None}
-    todo = [i for i in range(len(shards)) if i not in done]
-    remaining = sum(len(shards[i]) for i in todo)
-    if processes is None:
-        work_bytes = sum(item.height * item.width * item.channels
-                         for i in todo for item in shards[i])
-        processes = workers() if work_bytes > SMALL_WORK else 1
-    n_workers = max(1, min(processes, remaining))
-    bar = tqdm(total=sum(map(len, shards)), initial=sum(len(shards[i]) for i in done),
-               desc=f"prepare {name}", unit="img", dynamic_ncols=True, smoothing=0.05,
-               disable=not progress)
     if done:
         log(f"prepare {name}: resuming; {len(done)} of {len(shards)} shards were finished "
             "before")
+    todo = [i for i in range(len(shards)) if i not in done]
+    n_workers = _worker_count(processes, [shards[i] for i in todo])
+    bar = tqdm(total=sum(map(len, shards)), initial=sum(len(shards[i]) for i in done),
+               desc=f"prepare {name}", unit="img", dynamic_ncols=True, smoothing=0.05,
+               disable=not progress)
     pool = (ProcessPoolExecutor(n_workers, mp_context=get_context("spawn"),
                                 initializer=_follow_parent, initargs=(os.getpid(),))
             if n_workers > 1 else None)
     try:
         for i in todo:
-            records: list[list[Any]] = []
-            digests: dict[str, str] = {}
-            offset = 0
-            tmp = work / f".{_shard_name(i)}.tmp"
-            with tmp.open("wb") as fh:
-                results = _results(shards[i], scale, sigma, pool, 2 * n_workers)
-                for item, (hr, lr, digest) in zip(shards[i], results, strict=True):
-                    channels = 1 if hr.ndim == 2 else 3
-                    if hr.shape[:2] != (item.height, item.width) or channels != item.channels:
-                        raise ImageError(f"{item.path}: decodes to {hr.shape}, not the "
-                                         f"{item.height}x{item.width}x{item.channels} its "
-                                         "header announced; replace the file")
-                    fh.write(np.ascontiguousarray(hr).tobytes())
-                    fh.write(np.ascontiguousarray(lr).tobytes())
-                    records.append([item.name, i, offset, item.height, item.width, channels])
-                    digests[item.name] = digest
-                    offset += hr.nbytes + lr.nbytes
-                    bar.update(1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            _commit_shard(work, i, records, digests)
-            done[i] = {"records": records, "digests": digests}
+            done[i] = _write_shard(work, i, shards[i], scale, sigma, pool, n_workers, bar)
     except BaseException:  # an error or Ctrl-C: the finished shards wait for the next run
         for tmp in work.glob(".*.tmp"):
             tmp.unlink()
@@ -415,6 +385,63 @@ def write_set(src: Path, out: Path, work_root: Path, *, scale: int, sigma: float
         if pool is not None:
             pool.shutdown(cancel_futures=True)
         bar.close()
+    stored, digests = _assemble(out, work, shards, done, scale)
+    shutil.rmtree(work, ignore_errors=True)
+    _remove_if_empty(work_root)
+    return stored, skipped, digests
+
+
+def _work_folder(work_root: Path, name: str, key: str) -> Path:
+    """This attempt's folder; attempts with other inputs or params can never be resumed."""
+    work = work_root / f"{name}-{key}"
+    if work_root.is_dir():
+        for stale in work_root.glob(f"{name}-*"):
+            if stale != work:
+                shutil.rmtree(stale, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def _worker_count(processes: int | None, todo: list[list[Planned]]) -> int:
+    """Processes to degrade with: one below SMALL_WORK, since starting them costs more."""
+    if processes is None:
+        work_bytes = sum(item.height * item.width * item.channels
+                         for shard in todo for item in shard)
+        processes = workers() if work_bytes > SMALL_WORK else 1
+    return max(1, min(processes, sum(map(len, todo))))
+
+
+def _write_shard(work: Path, i: int, shard: list[Planned], scale: int, sigma: float | None,
+                 pool: ProcessPoolExecutor | None, n_workers: int, bar: Any) -> dict[str, Any]:
+    """Shard `i`: HR then LR bytes of each image, fsynced, then committed with its records."""
+    records: list[list[Any]] = []
+    digests: dict[str, str] = {}
+    offset = 0
+    tmp = work / f".{_shard_name(i)}.tmp"
+    with tmp.open("wb") as fh:
+        results = _results(shard, scale, sigma, pool, 2 * n_workers)
+        for item, (hr, lr, digest) in zip(shard, results, strict=True):
+            channels = 1 if hr.ndim == 2 else 3
+            if hr.shape[:2] != (item.height, item.width) or channels != item.channels:
+                raise ImageError(f"{item.path}: decodes to {hr.shape}, not the "
+                                 f"{item.height}x{item.width}x{item.channels} its "
+                                 "header announced; replace the file")
+            fh.write(np.ascontiguousarray(hr).tobytes())
+            fh.write(np.ascontiguousarray(lr).tobytes())
+            records.append([item.name, i, offset, item.height, item.width, channels])
+            digests[item.name] = digest
+            offset += hr.nbytes + lr.nbytes
+            bar.update(1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _commit_shard(work, i, records, digests)
+    return {"records": records, "digests": digests}
+
+
+def _assemble(out: Path, work: Path, shards: list[list[Planned]], done: dict[int, Any],
+              scale: int) -> tuple[int, dict[Path, str]]:
+    """Move the finished shards into `out` and write the index last, so an index means a
+    complete set. Returns (images stored, pixel digest per source path)."""
     (out / SHARDS).mkdir(parents=True, exist_ok=True)
     all_records: list[list[Any]] = []
     all_digests: dict[Path, str] = {}
@@ -427,6 +454,4 @@ def write_set(src: Path, out: Path, work_root: Path, *, scale: int, sigma: float
              "shards": [f"{SHARDS}/{_shard_name(i)}" for i in range(len(shards))],
              "records": all_records}
     (out / INDEX).write_text(json.dumps(index, separators=(",", ":")) + "\n")
-    shutil.rmtree(work, ignore_errors=True)
-    _remove_if_empty(work_root)
-    return len(all_records), skipped, all_digests
+    return len(all_records), all_digests

@@ -154,25 +154,9 @@ def build_app(session: RatingSession) -> FastAPI:
 
     @app.post("/api/score")
     async def score(request: Request) -> JSONResponse:
-        limit = session.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            return _error(413, f"the body is over the limit of {limit} bytes")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                return _error(413, f"the body is over the limit of {limit} bytes")
-        try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return _error(400, "the body is not JSON")
-        if not isinstance(payload, dict) or not all(
-                isinstance(payload.get(k), str) for k in ("token", "display")):
-            return _error(400, "expected a JSON object with string 'token' and 'display' "
-                               "and an integer 'score'")
-        if "score" not in payload:
-            return _error(422, "score is missing; it must be an integer from 1 to 5")
+        payload = await _score_request(request, session.max_body_bytes)
+        if isinstance(payload, JSONResponse):
+            return payload
         token = payload["token"]
         try:
             await run_in_threadpool(store.submit, token, payload["display"],
@@ -186,6 +170,30 @@ def build_app(session: RatingSession) -> FastAPI:
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=NO_STORE)
+
+
+async def _score_request(request: Request, limit: int) -> dict[str, Any] | JSONResponse:
+    """The body of POST /api/score as a dict, or the 4xx that refuses it. The size is checked
+    from Content-Length before reading, and again while reading (a client may lie)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        return _error(413, f"the body is over the limit of {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return _error(413, f"the body is over the limit of {limit} bytes")
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return _error(400, "the body is not JSON")
+    if not isinstance(payload, dict) or not all(
+            isinstance(payload.get(k), str) for k in ("token", "display")):
+        return _error(400, "expected a JSON object with string 'token' and 'display' "
+                           "and an integer 'score'")
+    if "score" not in payload:
+        return _error(422, "score is missing; it must be an integer from 1 to 5")
+    return payload
 
 
 # ---------------------------------------------------------------------------- the command
