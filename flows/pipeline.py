@@ -27,6 +27,7 @@ from prefect.deployments.runner import RunnerDeployment  # noqa: E402
 from srcore import config, preflight, tracking, versioning, workspace  # noqa: E402
 from srcore.cli import failure_path, run_stage  # noqa: E402
 from srcore.data.download import DownloadError  # noqa: E402
+from srcore.layout import write_atomic  # noqa: E402
 from srcore.report import table  # noqa: E402
 from srcore.workspace import WorkspaceBusy, tracking_store  # noqa: E402
 
@@ -193,7 +194,7 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
             try:
                 _preflight(params, params_path, root_path, skip_download)
             except preflight.PreflightError:
-                _restore(params_file, before)  # refused before any work: as it was
+                write_atomic(params_file, before)  # refused before any work: as it was
                 raise
             print(f"applied overlay {overlay} to {params_file.name}")
         else:
@@ -212,12 +213,6 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
     if hint:
         print(hint)
     return markdown
-
-
-def _restore(path: Path, content: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.restore")
-    tmp.write_bytes(content)
-    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,6 +29,7 @@ from srcore.data.datasets import Pair, load_pairs
 from srcore.data.degrade import imresize
 from srcore.data.images import save_png, to_rgb
 from srcore.figures import pyplot, save_figure
+from srcore.layout import write_atomic
 from srcore.metrics import luma, niqe_y, psnr_y, ssim_daala_y, ssim_y
 from srcore.models.interpolate import blend
 from srcore.precision import Precision
@@ -340,13 +341,6 @@ def plot_plane(points: pd.DataFrame, set_name: str, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 @contextlib.contextmanager
 def _exact_fp32() -> Iterator[None]:
     """TF32 convolutions (PyTorch's cuDNN default) move PSNR in the third decimal on a GPU."""
@@ -399,7 +393,7 @@ def evaluate(params: Params, prepared: Path, generators: dict[str, nn.Module],
     for set_name in points["set"].unique():
         grids.append(plot_plane(points, str(set_name), reports /
                                 f"perception_distortion_{str(set_name).lower()}.png"))
-    _atomic_text(metrics_path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    write_atomic(metrics_path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     _write_csv(per_image, plot_path)
     _write_csv(points, plot_path.with_name("perception_distortion.csv"))
     return summary, grids

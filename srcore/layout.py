@@ -18,7 +18,8 @@ from typing import Any
 
 from srcore.config import SPLITS
 
-__all__ = ["SPLITS", "Layout", "clear_leftovers", "new_folder_beside", "swap_in", "write_json"]
+__all__ = ["SPLITS", "Layout", "clear_leftovers", "new_folder_beside", "swap_in", "write_atomic",
+           "write_json"]
 
 
 @dataclass(frozen=True)
@@ -91,16 +92,25 @@ class Layout:
         return self.checkpoints / f"{stage}.pt"
 
 
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """A small file written whole or not at all: a temporary name beside it, then a rename,
+    so a kill never leaves a half-written file where a reader looks."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
+    os.replace(tmp, path)
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Small JSON outputs (metrics, guards), written to a temporary name and renamed.
+    """Small JSON outputs (metrics, guards), written atomically.
 
     Sorted keys and a fixed format: the same payload is the same bytes, so DVC and git see
     no change when nothing changed.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 # ------------------------------------------------------------- folders swapped in whole

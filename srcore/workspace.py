@@ -21,6 +21,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from srcore.layout import write_atomic
+
 LOCK_NAME = ".srgan.lock"
 TOKEN_ENV = "SRGAN_WORKSPACE_LOCK"
 
@@ -55,12 +57,8 @@ def held_by_ancestor(root: Path) -> bool:
 
 
 def _record(root: Path, token: str) -> None:
-    path = holder_path(root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"token": token, "pid": os.getpid(),
-                               "command": " ".join(sys.argv)[:200]}))
-    os.replace(tmp, path)
+    write_atomic(holder_path(root), json.dumps({"token": token, "pid": os.getpid(),
+                                                "command": " ".join(sys.argv)[:200]}))
 
 
 def _busy_message(root: Path, wait_hint: str) -> str:

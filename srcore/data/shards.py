@@ -46,6 +46,7 @@ from tqdm import tqdm
 from srcore.data.degrade import bicubic_lr, modcrop
 from srcore.data.images import ImageError, list_images_tree, load_image
 from srcore.data.manifest import ManifestError, pixel_digest
+from srcore.layout import write_atomic
 
 INDEX = "index.json"
 FORMAT = "srgan-shards/1"
@@ -276,9 +277,8 @@ def _finished(work: Path, i: int) -> dict[str, Any] | None:
 def _commit_shard(work: Path, i: int, records: list[list[Any]], digests: dict[str, str]) -> None:
     """Make shard i finished: its .tmp renamed in, then its sidecar (the marker) renamed in."""
     os.replace(work / f".{_shard_name(i)}.tmp", work / _shard_name(i))
-    side = work / f".{_shard_name(i)}.json.tmp"
-    side.write_text(json.dumps({"records": records, "digests": digests}))
-    os.replace(side, work / f"{_shard_name(i)}.json")
+    write_atomic(work / f"{_shard_name(i)}.json",
+                 json.dumps({"records": records, "digests": digests}))
 
 
 #: Below this many HR bytes to degrade, one process is quicker than starting a pool (~0.5 s

@@ -27,6 +27,7 @@ from PIL import Image
 
 from srcore.config import DatasetSpec
 from srcore.data.images import IMAGE_SUFFIXES
+from srcore.layout import write_atomic
 
 #: The embedded `sample` source: photographs shipped inside scikit-image (skimage/data).
 #: Fixed split, documented in the README and chosen before anything was scored. Validation
@@ -177,9 +178,7 @@ def _read_json(path: Path) -> dict[str, object]:
 
 
 def _write_json(path: Path, payload: dict[str, object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, sort_keys=True))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(payload, sort_keys=True))
 
 
 def _image_problem(path: Path) -> str | None:
