@@ -12,7 +12,7 @@ DVC is reached through srcore.versioning only.
 from __future__ import annotations
 
 import csv
-import os
+import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import Any
 
 from srcore import versioning
 from srcore.figures import pyplot, save_figure
+from srcore.layout import write_atomic
 
 #: Where the tables and plots go (git-ignored; the experiments themselves are DVC's).
 OUT_DIR = "studies"
@@ -120,13 +121,11 @@ def table(rows: list[dict[str, Any]], study: Study) -> str:
 
 
 def write_table(rows: list[dict[str, Any]], study: Study, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, text.getvalue())
 
 
 def plot(rows: list[dict[str, Any]], study: Study, path: Path) -> None:
