@@ -58,8 +58,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_models(args: argparse.Namespace) -> None:
     from srcore import tracking
 
-    uri = tracking.tracking_uri()
-    if uri == tracking.DEFAULT_URI and not Path("mlflow.db").is_file():
+    if tracking.local_store_missing():
         raise UserError("mlflow.db: not found here; run from the project root after a "
                         "training stage, or set MLFLOW_TRACKING_URI")
     try:
@@ -112,8 +111,7 @@ def cmd_mos(args: argparse.Namespace) -> None:
     print(mos.table(summary, agreement))
     from srcore import tracking
 
-    uri = tracking.tracking_uri()
-    if uri == tracking.DEFAULT_URI and not (root / "mlflow.db").is_file():
+    if tracking.local_store_missing():
         print("(not tagged in the registry: no mlflow.db here)", file=sys.stderr)
         return
     tagged = tracking.tag_mos(mos.versions_of(summary, methods))
@@ -121,7 +119,7 @@ def cmd_mos(args: argparse.Namespace) -> None:
         print(f"tagged {', '.join(tagged)} with metric.<set>.mos "
               "(see `srgan models compare`)", file=sys.stderr)
     else:
-        print(f"(not tagged: no rated method is a version registered in {uri})",
+        print(f"(not tagged: no rated method is a version registered in {tracking.tracking_uri()})",
               file=sys.stderr)
 
 

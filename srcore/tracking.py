@@ -45,6 +45,12 @@ def tracking_uri() -> str:
     return DEFAULT_URI if project == Path.cwd().resolve() else f"sqlite:///{project / 'mlflow.db'}"
 
 
+def local_store_missing() -> bool:
+    """The default local store is meant but ./mlflow.db is not there: asking MLflow would
+    create an empty store instead of finding the project's."""
+    return tracking_uri() == DEFAULT_URI and not Path("mlflow.db").is_file()
+
+
 class ForeignArtifactStore(UserError):
     """A local store whose experiment keeps its artifacts outside the store's folder: an
     mlflow.db copied from another workspace (MLflow records absolute artifact paths)."""
@@ -326,9 +332,13 @@ def version_of_file(name: str, path: Path) -> str | None:
     or None: no such file, no such model, or no version with that content here."""
     if not path.is_file():
         return None
-    import hashlib
+    from srcore.data.manifest import sha256_file
 
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return version_of_digest(name, sha256_file(path))
+
+
+def version_of_digest(name: str, digest: str) -> str | None:
+    """The newest registered version of `name` whose weights file has this sha256."""
     try:
         versions = _registry().search_model_versions(f"name = '{name}'")
     except mlflow.exceptions.MlflowException:

@@ -638,8 +638,7 @@ def load_generators(model: str, srresnet: str | None = None,
         if srresnet is not None:
             raise UserError(f"--srresnet {srresnet}: a registered model carries its own "
                             "SRResNet; use --srresnet only with a .pt --model")
-        uri = tracking.tracking_uri()
-        if uri == tracking.DEFAULT_URI and not Path("mlflow.db").is_file():
+        if tracking.local_store_missing():
             raise UserError(f"{model}: no mlflow.db here; run from the project root, set "
                             "MLFLOW_TRACKING_URI, or pass --model models/srgan.pt")
         try:

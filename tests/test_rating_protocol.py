@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srcore.rating import protocol
+from srcore.rating import BUILTIN_METHODS, protocol
 from srcore.rating.store import Key, token_digest
 
-KEYS = [Key("te", f"img{i}", m) for i in range(4) for m in protocol.BUILTIN_METHODS]
+KEYS = [Key("te", f"img{i}", m) for i in range(4) for m in BUILTIN_METHODS]
 
 
 def test_a_plan_is_every_version_once_shuffled_per_rater_with_later_repeats() -> None:
@@ -64,7 +64,7 @@ def test_calibration_images_are_never_rated_and_every_version_is_blind() -> None
                               "srgan": lambda lr: protocol.nearest_upscale(lr, 4) // 3},
         lambda lr: protocol.nearest_upscale(lr, 4) // 4)
     assert {k.image for k in catalog.rated} == {"c"}  # a and b calibrate
-    assert sorted(k.method for k in catalog.rated) == sorted(protocol.BUILTIN_METHODS)
+    assert sorted(k.method for k in catalog.rated) == sorted(BUILTIN_METHODS)
     assert [(lo.method, hi.method) for lo, hi in catalog.calibration] == [("nearest", "hr")] * 2
     for key, png in catalog.images.items():
         # Only pixels: no text, time, gamma or other chunk; all of HR's size, RGB.

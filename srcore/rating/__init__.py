@@ -11,7 +11,19 @@ regenerated. Nothing here imports prefect or mlflow; the CLI and the evaluate st
 through srcore.tracking and version ratings/ through srcore.versioning.
 """
 
+from __future__ import annotations
+
+from pathlib import Path
+
 #: Where ratings live under the project root (DVC-tracked as ratings.dvc).
 RATINGS_DIR = "ratings"
 #: The SQLite file inside RATINGS_DIR.
 DB_NAME = "ratings.sqlite"
+#: The versions every image is shown in, as the paper's MOS test (plus any --model), in the
+#: order tables list them.
+BUILTIN_METHODS = ("nearest", "bicubic", "srresnet", "srgan", "hr")
+
+
+def ratings_path(root: Path) -> Path:
+    """The ratings store of the project at `root`."""
+    return root / RATINGS_DIR / DB_NAME

@@ -20,7 +20,6 @@ srcore.upscale, which reaches the registry through srcore.tracking.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 import socket
@@ -35,6 +34,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.concurrency import run_in_threadpool
 
+from srcore.data.manifest import sha256_file
 from srcore.rating import protocol
 from srcore.rating.store import MethodChanged, Refused, Store
 
@@ -217,8 +217,6 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def load_session(params: Any, options: RateOptions) -> RatingSession:
@@ -238,7 +236,7 @@ def _load_session(params: Any, options: RateOptions) -> RatingSession:
     from srcore.data.datasets import load_pairs
     from srcore.evaluate import bicubic_upscale
     from srcore.layout import Layout
-    from srcore.rating import DB_NAME, RATINGS_DIR
+    from srcore.rating import ratings_path
     from srcore.stages import UserError
     from srcore.training.checkpoints import load_generator_file
     from srcore.upscale import load_generators, upscale_image
@@ -252,7 +250,7 @@ def _load_session(params: Any, options: RateOptions) -> RatingSession:
         if name not in scored:
             raise UserError(f"--set {name}: not a validation or test set of params.yaml "
                             f"({', '.join(scored)}); training images are never rated")
-    store = Store(layout.root / RATINGS_DIR / DB_NAME)
+    store = Store(ratings_path(layout.root))
     generators: dict[str, Any] = {}
     for name in ("srresnet", "srgan"):
         path = layout.model(name)
@@ -260,8 +258,9 @@ def _load_session(params: Any, options: RateOptions) -> RatingSession:
             raise UserError(f"{path}: missing; run `srgan pretrain` and `srgan finetune` "
                             "(or `dvc repro`) first")
         generators[name] = load_generator_file(path)
-        version = _registered_version(name, path)
-        store.record_method(name, str(path.relative_to(layout.root)), _digest(path),
+        digest = sha256_file(path)
+        version = _registered_version(name, digest)
+        store.record_method(name, str(path.relative_to(layout.root)), digest,
                             name if version else None, version)
     for uri in options.models:
         name, version = _resolve(uri)
@@ -298,14 +297,14 @@ def _load_session(params: Any, options: RateOptions) -> RatingSession:
     return RatingSession(store, catalog, params.rating.repeat_fraction)
 
 
-def _registered_version(name: str, path: Path) -> str | None:
-    """The registered version saved as `path`, when a registry is there to ask."""
+def _registered_version(name: str, digest: str) -> str | None:
+    """The registered version whose weights file has this sha256, when a registry is there
+    to ask."""
     from srcore import tracking
 
-    uri = tracking.tracking_uri()
-    if uri == tracking.DEFAULT_URI and not Path("mlflow.db").is_file():
+    if tracking.local_store_missing():
         return None
-    return tracking.version_of_file(name, path)
+    return tracking.version_of_digest(name, digest)
 
 
 def _resolve(uri: str) -> tuple[str, str]:

@@ -29,18 +29,14 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from srcore.rating import DB_NAME, RATINGS_DIR
+from srcore.rating import BUILTIN_METHODS, ratings_path
 from srcore.rating.store import Store
 
 #: Columns of `summarise`, and the metric keys `as_metrics` gives them.
 METRIC_KEYS = {"mos": "mos", "ci_low": "mos_ci_low", "ci_high": "mos_ci_high",
                "ratings": "mos_ratings", "raters": "mos_raters"}
-#: Display order of methods (registered versions follow, by name).
-ORDER = ("nearest", "bicubic", "srresnet", "srgan", "hr")
-
-
-def ratings_path(root: Path) -> Path:
-    return root / RATINGS_DIR / DB_NAME
+#: Display order of methods: the built-in ones, then registered versions by name.
+ORDER = BUILTIN_METHODS
 
 
 def load(path: Path) -> pd.DataFrame:

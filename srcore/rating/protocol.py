@@ -27,10 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from srcore.data.images import to_rgb
 from srcore.rating.store import Key
 
-#: The versions every image is shown in, as the paper's MOS test (plus any --model).
-BUILTIN_METHODS = ("nearest", "bicubic", "srresnet", "srgan", "hr")
 #: The fixed scores of the calibration versions.
 CALIBRATION_SCORES = {"nearest": 1, "hr": 5}
 
@@ -45,8 +44,7 @@ def nearest_upscale(lr: np.ndarray, scale: int) -> np.ndarray:
 def png_bytes(image: np.ndarray) -> bytes:
     """An RGB PNG with nothing but pixels: no text chunks, no gamma, no time, same settings
     for every method."""
-    if image.ndim == 2:
-        image = np.stack([image] * 3, axis=-1)
+    image = to_rgb(image)
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB").save(
         buffer, format="PNG", optimize=False, compress_level=6)
