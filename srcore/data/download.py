@@ -25,7 +25,6 @@ Behaviour choices the caller should know:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -36,6 +35,8 @@ from urllib.parse import urlsplit
 import requests
 from tqdm import tqdm
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
+
+from srcore.data.manifest import sha256_file
 
 __all__ = ["ChecksumMismatch", "DownloadError", "download", "sha256_file"]
 
@@ -73,15 +74,6 @@ class ChecksumMismatch(DownloadError):
 
 class _Retryable(Exception):
     """Internal: this attempt failed in a way another attempt may fix."""
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks so multi-GB archives do not fill memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -40,6 +40,7 @@ class SharedImageError(ImageError):
 
 
 def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks so multi-GB archives do not fill memory."""
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from srcore.config import Params
+from srcore.data.manifest import sha256_file
 from srcore.models.srresnet import SRResNet, generator_spec
 from srcore.training.runtime import unwrap
 
@@ -107,11 +108,7 @@ def non_finite_keys(state: dict[str, torch.Tensor]) -> list[str]:
 
 def file_digest(path: Path) -> str:
     """Content hash of a file (the SRResNet that a fine-tuning run started from)."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return sha256_file(path)[:16]
 
 
 # ---------------------------------------------------------------------------- checkpoints

@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-import torch
 from torch import nn
 
 from srcore.config import Params
+from srcore.training.checkpoints import non_finite_keys
 
 
 class Diverged(RuntimeError):
@@ -48,10 +48,10 @@ def first_non_finite(modules: Mapping[str, nn.Module]) -> tuple[str, int] | None
     tensor in the modules' state dicts (parameters and buffers), or None when all are finite."""
     first, count = None, 0
     for name, module in modules.items():
-        for key, tensor in module.state_dict().items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                first = first or f"{name}.{key}"
-                count += 1
+        bad = non_finite_keys(module.state_dict())
+        if bad:
+            first = first or f"{name}.{bad[0]}"
+            count += len(bad)
     return None if first is None else (first, count)
 
 
