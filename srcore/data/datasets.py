@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from srcore.config import DataConfig
 from srcore.data.images import ImageError, list_images, load_image, to_rgb
 from srcore.data.manifest import MANIFEST, ManifestError, verify_set
-from srcore.data.shards import INDEX, ShardFormatError, ShardSet
+from srcore.data.shards import ShardFormatError, ShardSet, is_shard_set
 from srcore.layout import SPLITS
 
 
@@ -32,7 +32,7 @@ class Pair:
 
 def _is_set(folder: Path) -> bool:
     return (folder / MANIFEST).is_file() or (folder / "HR").is_dir() \
-        or (folder / INDEX).is_file()
+        or is_shard_set(folder)
 
 
 def find_set(prepared: Path, set_name: str) -> Path:
@@ -97,7 +97,7 @@ def open_train_set(prepared: Path, set_name: str, scale: int | None = None) -> S
     decoded or read into memory beyond the index."""
     set_dir = find_set(prepared, set_name)
     verify_set(set_dir)
-    if not (set_dir / INDEX).is_file() and (set_dir / "HR").is_dir():
+    if not is_shard_set(set_dir) and (set_dir / "HR").is_dir():
         raise ShardFormatError(f"{set_dir}: a training set in the PNG-pair format of earlier "
                                "versions; run `srgan prepare --split train` (or `dvc repro`) "
                                "to write it as shards")
@@ -110,8 +110,6 @@ class CropSource(Protocol):
     scale: int
 
     def __len__(self) -> int: ...
-
-    def lr_size(self, k: int) -> tuple[int, int]: ...
 
     def lr_sizes(self) -> np.ndarray: ...
 
@@ -134,9 +132,6 @@ class MemoryImages:
 
     def __len__(self) -> int:
         return len(self.lr)
-
-    def lr_size(self, k: int) -> tuple[int, int]:
-        return self.lr[k].shape[0], self.lr[k].shape[1]
 
     def lr_sizes(self) -> np.ndarray:
         return np.array([lr.shape[:2] for lr in self.lr], np.int64).reshape(-1, 2)
@@ -167,10 +162,6 @@ class Concat:
     def _where(self, k: int) -> tuple[CropSource, int]:
         i = int(np.searchsorted(self.starts, k, side="right")) - 1
         return self.sources[i], k - int(self.starts[i])
-
-    def lr_size(self, k: int) -> tuple[int, int]:
-        src, j = self._where(k)
-        return src.lr_size(j)
 
     def lr_sizes(self) -> np.ndarray:
         return np.concatenate([src.lr_sizes() for src in self.sources] or

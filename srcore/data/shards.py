@@ -69,12 +69,6 @@ class Record:
     width: int
     channels: int
 
-    def hr_bytes(self) -> int:
-        return self.height * self.width * self.channels
-
-    def lr_bytes(self, scale: int) -> int:
-        return (self.height // scale) * (self.width // scale) * self.channels
-
 
 class ShardSet:
     """One prepared training set, read crop by crop from its shards (no image in memory).
@@ -149,9 +143,6 @@ class ShardSet:
         """Every image's record (for tests and tools; training reads the table)."""
         return [self.record(k) for k in range(len(self))]
 
-    def lr_size(self, k: int) -> tuple[int, int]:
-        return int(self.table[k, 2]) // self.scale, int(self.table[k, 3]) // self.scale
-
     def lr_sizes(self) -> np.ndarray:
         """(height, width) in LR pixels of every image, as an N x 2 array."""
         return self.table[:, 2:4] // self.scale
@@ -189,6 +180,7 @@ def _rgb(a: np.ndarray) -> np.ndarray:
 
 
 def is_shard_set(folder: Path) -> bool:
+    """A training set in the shard format (its index is written last, so it is complete)."""
     return (folder / INDEX).is_file()
 
 

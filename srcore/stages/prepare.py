@@ -103,8 +103,6 @@ def prepare(params: Params, data_dir: Path, out_dir: Path,
         if not whole:
             _drop_legacy(out_dir)
         swap_in(tmp, target)
-        if (out_dir / WORK).is_dir() and not any((out_dir / WORK).iterdir()):
-            (out_dir / WORK).rmdir()
         return counts
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # only still there when the stage failed
