@@ -238,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # The lock before the flow call: Prefect's first start on a fresh PREFECT_HOME
             # creates its database, which two simultaneous runs would race on.
             root = Path.cwd()
-            _preflight(config.load(args.params), args.params, root, skip_download=False)
+            if not args.overlay:  # with one, the flow checks the merged params, under the lock
+                _preflight(config.load(args.params), args.params, root, skip_download=False)
             with workspace_lock(root, args.lock_timeout):
                 pipeline(params_path=args.params, root=".", force=args.force,
                          overlay=args.overlay, lock_timeout_s=args.lock_timeout)

@@ -219,6 +219,20 @@ def test_run_takes_the_lock_before_prefect_starts(
 
 
 @pytest.mark.usefixtures("prefect_api")
+def test_an_overlay_that_makes_params_valid_is_checked_after_it_is_applied(
+        project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run --overlay` checks the merged params, not params.yaml alone: an overlay may repair
+    what the base file would be refused for."""
+    import flows.pipeline as flow_module
+
+    write_params(project / "params.yaml", tiny_params_dict(data={"test": ["nosuchset"]}))
+    (project / "fix.yaml").write_text(yaml.safe_dump({"data": {"test": ["sample_test"]}}))
+    called: dict[str, object] = {}
+    monkeypatch.setattr(flow_module, "pipeline", lambda **kw: called.update(kw) or "")
+    assert flow_module.main(["run", "--overlay", "fix.yaml"]) == 0
+    assert called["overlay"] == "fix.yaml"
+
+
 def test_a_refused_overlay_stops_before_any_work(project: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     from flows.pipeline import main
