@@ -49,6 +49,8 @@ from srcore.serving import (
     DEFAULT_TILE,
     DEFAULT_TIMEOUT_S,
     IMAGE_COLUMN,
+    BodyTooLarge,
+    read_limited_body,
 )
 
 #: How often a waiting handler looks at its client and its deadline.
@@ -484,17 +486,11 @@ class _Scoring:
             self.admission.leave(job, time.monotonic() - began if done else None)
 
     async def _read_body(self, request: Request) -> bytes:
-        limit = self.options.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise Rejected(413, "REQUEST_LIMIT_EXCEEDED", _too_big(int(declared), self.options))
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise Rejected(413, "REQUEST_LIMIT_EXCEEDED", _too_big(size, self.options))
-            chunks.append(chunk)
-        return b"".join(chunks)
+        try:
+            return await read_limited_body(request, self.options.max_body_bytes)
+        except BodyTooLarge as err:
+            raise Rejected(413, "REQUEST_LIMIT_EXCEEDED",
+                           _too_big(err.size, self.options)) from None
 
     async def _wait_for(self, request: Request, job: Job, future: asyncio.Future[Any]) -> Any:
         """The result, or Rejected(504) at the deadline, or None when the client left; in

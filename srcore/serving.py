@@ -120,3 +120,32 @@ def request_params(params: Any) -> tuple[float | None, int]:
         raise ValueError(f"params.tile must be a whole number >= 0 (0 = whole image), "
                          f"got {tile!r}")
     return alpha, tile
+
+
+class BodyTooLarge(Exception):
+    """A request body over its limit; `size` is what it declared or what was read so far."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+async def read_limited_body(request: Any, limit: int, *,
+                            refuse_bad_length: bool = False) -> bytes:
+    """A request's body (srgan serve, srgan rate), refused from its Content-Length before any
+    byte is read when that is over `limit`, and again while reading, since a client may send
+    more than it declares. `refuse_bad_length`: a Content-Length that is no number is refused
+    too (size -1)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if declared.isdigit() and int(declared) > limit:
+            raise BodyTooLarge(int(declared))
+        if refuse_bad_length and not declared.isdigit():
+            raise BodyTooLarge(-1)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(size)
+        chunks.append(chunk)
+    return b"".join(chunks)

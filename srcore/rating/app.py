@@ -37,6 +37,7 @@ from starlette.concurrency import run_in_threadpool
 from srcore.data.manifest import sha256_file
 from srcore.rating import protocol
 from srcore.rating.store import MethodChanged, Refused, Store
+from srcore.serving import BodyTooLarge, read_limited_body
 
 #: Largest POST body: a score is ~150 bytes of JSON.
 MAX_BODY_BYTES = 4096
@@ -175,14 +176,10 @@ def _error(status: int, message: str) -> JSONResponse:
 async def _score_request(request: Request, limit: int) -> dict[str, Any] | JSONResponse:
     """The body of POST /api/score as a dict, or the 4xx that refuses it. The size is checked
     from Content-Length before reading, and again while reading (a client may lie)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+    try:
+        body = await read_limited_body(request, limit, refuse_bad_length=True)
+    except BodyTooLarge:
         return _error(413, f"the body is over the limit of {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            return _error(413, f"the body is over the limit of {limit} bytes")
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError):
