@@ -695,17 +695,16 @@ def upscale_command(inputs: Sequence[str], output: str, *, model: str, tile: int
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     chosen = resolve(precision, where)
     generator = _placed(loaded.generator, where, memory_format)
-    if alpha is None:
-        generator = for_inference(generator, chosen, memory_format)
-    else:
-        base = _placed(loaded.srresnet, where, memory_format) if loaded.srresnet else None
+    if alpha is not None:  # one blend (exact at 0 and 1); load_generators made sure of the base
+        from srcore.models.interpolate import blend
+
+        base = _placed(loaded.srresnet, where, memory_format)
         try:
-            generator = GeneratorSet(
-                generator, base, source=loaded.source,
-                prepare=lambda network: for_inference(network, chosen, memory_format),
-            ).at(alpha)
-        except (IncompatibleGenerators, MissingSRResNet) as err:
-            raise UserError(str(err)) from None
+            generator = blend(base, generator, alpha).eval()
+        except IncompatibleGenerators as err:
+            raise UserError(f"{loaded.source}: its SRResNet cannot be blended with it: "
+                            f"{err}") from None
+    generator = for_inference(generator, chosen, memory_format)
     print(f"upscale: {chosen.describe()}", file=sys.stderr)
     try:
         written, failures = upscale_files(
