@@ -354,7 +354,8 @@ def _exact_fp32() -> Iterator[None]:
 
 def evaluate(params: Params, prepared: Path, generators: dict[str, nn.Module],
              metrics_path: Path, plot_path: Path, reports: Path,
-             precision: Precision | None = None) -> tuple[dict, list[Path]]:
+             precision: Precision | None = None, *,
+             verified: bool = False) -> tuple[dict, list[Path]]:
     """Score every validation and test set; write metrics JSON, per-image CSV, the plane's
     points beside it, one grid PNG and one perception-distortion plot per set. Validation sets
     are scored because the registry gate reads them. Returns the summary and the images.
@@ -362,6 +363,7 @@ def evaluate(params: Params, prepared: Path, generators: dict[str, nn.Module],
     The generators run at `precision` (default: runtime.precision resolved for the device),
     as `srgan upscale` runs them: bf16 where the hardware runs it natively moves PSNR-Y by
     about a thousandth of a dB and runs the alpha sweep 2.7x faster; fp32 is exact.
+    `verified`: the caller has just checked the sets with verify_prepared (load_pairs).
     """
     from srcore.training.runtime import memory_format, resolve_device
 
@@ -378,7 +380,7 @@ def evaluate(params: Params, prepared: Path, generators: dict[str, nn.Module],
     with torch.inference_mode(), _exact_fp32():
         for spec in params.data.scored_sets:
             pairs = load_pairs(prepared / params.data.split_of(spec.name), spec.name,
-                               params.scale)
+                               params.scale, verified=verified)
             frame, images = score_set(pairs, generators, params, spec.name, keep, device,
                                       chosen, fmt)
             frames.append(frame)

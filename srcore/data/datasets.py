@@ -63,15 +63,18 @@ def verify_prepared(prepared: Path, data: DataConfig, splits: Iterable[str]) -> 
             verify_set(folder)
 
 
-def load_pairs(prepared: Path, set_name: str, scale: int | None = None) -> list[Pair]:
+def load_pairs(prepared: Path, set_name: str, scale: int | None = None, *,
+               verified: bool = False) -> list[Pair]:
     """Decode a prepared set's HR/LR pairs once it matches its manifest; a missing partner
     or wrong size names the file.
 
     With `scale`, HR must be exactly `scale` times LR: a set prepared for another scale would
-    otherwise train on misaligned crops without any error.
+    otherwise train on misaligned crops without any error. `verified`: the calling stage has
+    just checked the set with verify_prepared, so its files are not hashed a second time.
     """
     set_dir = find_set(prepared, set_name)
-    verify_set(set_dir)
+    if not verified:
+        verify_set(set_dir)
     hr_dir, lr_dir = set_dir / "HR", set_dir / "LR"
     if not hr_dir.is_dir():
         raise FileNotFoundError(f"{hr_dir}: missing; run `srgan prepare` (or `dvc repro`)")
@@ -92,11 +95,13 @@ def load_pairs(prepared: Path, set_name: str, scale: int | None = None) -> list[
     return pairs
 
 
-def open_train_set(prepared: Path, set_name: str, scale: int | None = None) -> ShardSet:
+def open_train_set(prepared: Path, set_name: str, scale: int | None = None, *,
+                   verified: bool = False) -> ShardSet:
     """A prepared training set (shards + index) once it matches its manifest; nothing is
-    decoded or read into memory beyond the index."""
+    decoded or read into memory beyond the index. `verified`: as for load_pairs."""
     set_dir = find_set(prepared, set_name)
-    verify_set(set_dir)
+    if not verified:
+        verify_set(set_dir)
     if not is_shard_set(set_dir) and (set_dir / "HR").is_dir():
         raise ShardFormatError(f"{set_dir}: a training set in the PNG-pair format of earlier "
                                "versions; run `srgan prepare --split train` (or `dvc repro`) "

@@ -54,7 +54,7 @@ def run(params: Params, layout: Layout) -> None:
         # 3. work + 4. outputs: metrics/evaluate.json, plots/evaluate.csv, reports/grid_*.png
         summary, grids = evaluate.evaluate(
             params, layout.prepared, generators, layout.metrics / "evaluate.json",
-            layout.plots / "evaluate.csv", layout.reports, chosen)
+            layout.plots / "evaluate.csv", layout.reports, chosen, verified=True)
         # 4. outputs: metrics/val.json (what `dvc metrics show` prints), the numbers,
         #    grids and CSV in MLflow; the registry's tags and aliases
         write_json(layout.metrics / "val.json", headline(summary, gate_set))

@@ -85,8 +85,10 @@ def final_generator(state: LoopState, generator: nn.Module) -> SRResNet:
 
 
 def train_images(params: Params, layout: Layout) -> CropSource:
-    """The training sets, read crop by crop from their shards (nothing decoded up front)."""
-    return Concat([open_train_set(layout.prepared_split("train"), spec.name, params.scale)
+    """The training sets, read crop by crop from their shards (nothing decoded up front).
+    Both training stages checked them with verify_prepared before the loop started."""
+    return Concat([open_train_set(layout.prepared_split("train"), spec.name, params.scale,
+                                  verified=True)
                    for spec in params.data.train], params.scale)
 
 

@@ -25,8 +25,10 @@ def validation_pairs(params: Params, layout: Layout, limit: int = 3,
                      max_lr: int = 160) -> list[Pair]:
     """A few validation images (data.val, never a test set), centre-cropped to at most
     max_lr LR pixels a side: cheap enough to score every val_every steps, and large enough
-    (640 HR pixels at x4) for NIQE's 96x96 blocks."""
-    pairs = load_pairs(layout.prepared_split("val"), params.data.val[0].name, params.scale)[:limit]
+    (640 HR pixels at x4) for NIQE's 96x96 blocks. The training stage checked data.val with
+    verify_prepared before the loop started."""
+    pairs = load_pairs(layout.prepared_split("val"), params.data.val[0].name, params.scale,
+                       verified=True)[:limit]
     out = []
     for p in pairs:
         h, w = p.lr.shape[:2]
