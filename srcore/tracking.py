@@ -28,6 +28,7 @@ import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from srcore.stages import UserError  # noqa: E402
+from srcore.workspace import scoped_env  # noqa: E402
 
 PARENT_ENV = "SRGAN_PARENT_RUN_ID"
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -273,20 +274,13 @@ def stage_run(experiment: str, stage: str, resume_run_id: str | None = None) -> 
 def pipeline_run(experiment: str, name: str = "pipeline") -> Iterator[str]:
     """Parent run for one pipeline execution; exports its id for the stage processes."""
     configure(experiment)
-    previous = os.environ.get(PARENT_ENV)
     tags = {"stage": "pipeline"}
     commit = _git_commit()
     if commit:
         tags["git_commit"] = commit
-    with mlflow.start_run(run_name=name, tags=tags) as run:
-        os.environ[PARENT_ENV] = run.info.run_id
-        try:
-            yield run.info.run_id
-        finally:
-            if previous is None:
-                os.environ.pop(PARENT_ENV, None)
-            else:
-                os.environ[PARENT_ENV] = previous
+    with mlflow.start_run(run_name=name, tags=tags) as run, \
+            scoped_env(PARENT_ENV, run.info.run_id):
+        yield run.info.run_id
 
 
 def log_to_run(run_id: str, metrics: Mapping[str, float]) -> None:
@@ -848,28 +842,14 @@ def load_served_generators(uri: str) -> ServedGenerators:
     mlflow.set_tracking_uri(tracking_uri())
     with tempfile.TemporaryDirectory(prefix="srgan-model-") as tmp:  # all read into memory
         try:
-            with _quiet_download():
+            # no "Downloading artifacts" bar: the CLI's stderr is for its one-line answers
+            with scoped_env("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
                 local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
         except mlflow.exceptions.MlflowException as err:
             raise RegistryError(f"{uri}: cannot be loaded from {tracking_uri()} "
                                 f"({err.message}); see `srgan models compare`, or set "
                                 "MLFLOW_TRACKING_URI") from None
         return _served_from_folder(Path(local), uri)
-
-
-@contextlib.contextmanager
-def _quiet_download() -> Iterator[None]:
-    """No "Downloading artifacts" progress bar: the CLI's stderr is for its one-line answers."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    previous = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = previous
 
 
 def _served_from_folder(folder: Path, what: str,

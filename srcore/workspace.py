@@ -82,16 +82,12 @@ def workspace_lock(root: Path, timeout_s: float, wait_hint: str) -> Iterator[Non
         lock.acquire(timeout=timeout_s)
     except Timeout:
         raise WorkspaceBusy(_busy_message(root, wait_hint)) from None
-    token, previous = secrets.token_hex(16), os.environ.get(TOKEN_ENV)
+    token = secrets.token_hex(16)
     try:
         _record(root, token)
-        os.environ[TOKEN_ENV] = token  # inherited by the stage processes DVC starts
-        yield
+        with scoped_env(TOKEN_ENV, token):  # inherited by the stage processes DVC starts
+            yield
     finally:
-        if previous is None:
-            os.environ.pop(TOKEN_ENV, None)
-        else:
-            os.environ[TOKEN_ENV] = previous
         holder_path(root).unlink(missing_ok=True)
         lock.release()
 
@@ -110,8 +106,20 @@ def tracking_store(root: Path) -> Iterator[None]:
         return
     from srcore.versioning import project_root  # a queued `dvc exp run`: the project's store
 
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{project_root(Path(root)) / 'mlflow.db'}"
+    with scoped_env("MLFLOW_TRACKING_URI", f"sqlite:///{project_root(Path(root)) / 'mlflow.db'}"):
+        yield
+
+
+@contextlib.contextmanager
+def scoped_env(key: str, value: str) -> Iterator[None]:
+    """`key=value` in this process's environment (and so in every process it starts) for the
+    block; afterwards the previous value, or none, as before."""
+    previous = os.environ.get(key)
+    os.environ[key] = value
     try:
         yield
     finally:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        if previous is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous
