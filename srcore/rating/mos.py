@@ -45,9 +45,12 @@ def load(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no ratings yet; run `srgan rate` and score some "
                                 "images (or `dvc pull ratings.dvc`)")
-    return pd.DataFrame(Store(path).ratings(),
-                        columns=["rater", "set", "image", "method", "repeat", "score",
-                                 "revisions"])
+    return _frame(Store(path))
+
+
+def _frame(store: Store) -> pd.DataFrame:
+    return pd.DataFrame(store.ratings(), columns=["rater", "set", "image", "method", "repeat",
+                                                  "score", "revisions"])
 
 
 def clustered_interval(scores: pd.Series, raters: pd.Series,
@@ -150,10 +153,11 @@ def compute(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]] | N
     path = ratings_path(root)
     if not path.is_file():
         return None
-    ratings = load(path)
+    store = Store(path)  # opened once: each opening runs the schema and the WAL set-up
+    ratings = _frame(store)
     if ratings.empty:
         return None
-    return summarise(ratings), retest(ratings), Store(path).methods()
+    return summarise(ratings), retest(ratings), store.methods()
 
 
 def versions_of(summary: pd.DataFrame, methods: dict[str, Any]
